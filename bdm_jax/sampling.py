@@ -1,0 +1,51 @@
+"""Sampling a workdir's checkpoint (used by sample.py, evaluation and notebooks)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bdm_jax import checkpoint as ckpt_lib
+from bdm_jax import images
+from bdm_jax.config import validate
+
+
+def load_for_sampling(workdir: str) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
+    """(validated config, EMA params, masks, step) of the newest checkpoint in `workdir`."""
+    ckpt = ckpt_lib.checkpoint_dir(workdir)
+    if not os.path.isdir(ckpt):
+        raise ckpt_lib.CheckpointError(f"no checkpoints in {ckpt}: train there first")
+    mngr = ckpt_lib.manager(workdir, create=False)
+    step = mngr.latest_step()
+    if step is None:
+        raise ckpt_lib.CheckpointError(f"no complete checkpoint in {ckpt}")
+    cfg = validate(ml_collections.ConfigDict(ckpt_lib.saved_config(mngr, step)))
+    try:
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    except Exception as e:  # noqa: BLE001 - reported with the path
+        raise ckpt_lib.CheckpointError(f"checkpoint {ckpt}/{step} could not be restored ({type(e).__name__}: {e})") from None
+    return cfg, state["ema_params"], state.get("masks", {}), step
+
+
+def sample_workdir(workdir: str, out_dir: str, *, num: int, batch_size: int, sampler: str = "ddim",
+                   steps: int = 100, eta: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
+    """Generate `num` samples from a workdir; write grid PNG (first 64) and all as uint8 .npz."""
+    from bdm_jax.trainer import Setup, generate
+
+    cfg, params, masks, step = load_for_sampling(workdir)
+    with cfg.unlocked():
+        cfg.sample.sampler, cfg.sample.steps, cfg.sample.eta = sampler, steps, eta
+    cfg = validate(cfg)
+    setup = Setup.from_config(cfg)
+    imgs = generate(setup, params, masks, num, batch_size, seed, progress=progress)
+    os.makedirs(out_dir, exist_ok=True)
+    tag = f"{sampler}{steps if sampler == 'ddim' else ''}_seed{seed}_step{step}"
+    grid = os.path.join(out_dir, f"sample_{tag}.png")
+    npz = os.path.join(out_dir, f"sample_{tag}.npz")
+    images.save_grid(imgs[:64], grid)
+    images.save_npz(imgs, npz)
+    return {"grid": grid, "npz": npz, "images": imgs, "step": step, "config": cfg}

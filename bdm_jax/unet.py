@@ -1,0 +1,306 @@
+"""The ADM/LDM "openaimodel" UNet in flax linen, NHWC (SPEC §3, §11).
+
+Layout (names are the param-tree names):
+  time_embed_0/1 (dense) [+ label_emb] ; conv_in (= block input_blocks_0)
+  input_blocks_i  : res [+ attn]  or  down          (per resolution level)
+  middle_block    : res_0, attn, res_1
+  output_blocks_i : res [+ attn] [+ up]             (skip concatenation)
+  out_norm, conv_out (zero-initialised)
+
+Every conv/dense is a `QConv`/`QDense` that takes the `QuantPlan`; the UNet itself never branches on
+layer names. The block outputs are sown as one dict {block name: features} into
+`block_features/blocks` (SPEC §5), which LRM reads with `mutable=["block_features"]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bdm_jax.layers import QAct, QConv, QDense, QuantPlan
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInfo:
+    """One TimestepEmbedSequential unit of the layout (SPEC §3)."""
+
+    name: str
+    index: int  # position in input..middle..output order, 0 .. 2n
+    resolution: int  # resolution of the skip feature the block produces (input) or consumes (output)
+    channels: int  # channels of the block's output
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [cos | sin] as in the LDM openaimodel."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm computed in float32 whatever the compute dtype (as the reference's GroupNorm32)."""
+
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32)(
+            x.astype(jnp.float32)
+        )
+        return y.astype(self.dtype)
+
+
+class ResBlock(nn.Module):
+    out_channels: int
+    dropout: float
+    groups: int
+    dtype: Dtype
+    plan: QuantPlan | None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+        h = nn.silu(GroupNorm32(self.groups, self.dtype, name="in_norm")(x))
+        h = QConv(self.out_channels, dtype=self.dtype, plan=self.plan, name="in_conv")(h)
+        e = QDense(self.out_channels, dtype=self.dtype, plan=self.plan, name="emb_dense")(nn.silu(emb))
+        h = h + e[:, None, None, :].astype(h.dtype)
+        h = nn.silu(GroupNorm32(self.groups, self.dtype, name="out_norm")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = QConv(self.out_channels, zero_init=True, dtype=self.dtype, plan=self.plan, name="out_conv")(h)
+        if x.shape[-1] != self.out_channels:
+            x = QConv(self.out_channels, (1, 1), dtype=self.dtype, plan=self.plan, name="skip")(x)
+        return x.astype(h.dtype) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all spatial positions (LDM AttentionBlock, legacy qkv layout: per head [q|k|v])."""
+
+    num_heads: int
+    groups: int
+    dtype: Dtype
+    plan: QuantPlan | None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x.shape
+        heads = self.num_heads
+        ch = c // heads
+        h = GroupNorm32(self.groups, self.dtype, name="norm")(x).reshape(b, hgt * wid, c)
+        qkv = QDense(3 * c, dtype=self.dtype, plan=self.plan, name="qkv")(h)
+        qkv = qkv.reshape(b, hgt * wid, heads, 3, ch)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        q = QAct(self.plan, name="q_quant")(q)
+        k = QAct(self.plan, name="k_quant")(k)
+        v = QAct(self.plan, name="v_quant")(v)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(ch)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = QAct(self.plan, name="attn_quant")(weights)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hgt * wid, c)
+        out = QDense(c, zero_init=True, dtype=self.dtype, plan=self.plan, name="proj_out")(out)
+        return x + out.reshape(b, hgt, wid, c).astype(x.dtype)
+
+
+class Downsample(nn.Module):
+    dtype: Dtype
+    plan: QuantPlan | None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return QConv(x.shape[-1], strides=(2, 2), dtype=self.dtype, plan=self.plan, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    dtype: Dtype
+    plan: QuantPlan | None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return QConv(x.shape[-1], dtype=self.dtype, plan=self.plan, name="conv")(x)
+
+
+class Block(nn.Module):
+    """One TimestepEmbedSequential: [res] [attn] [down | up]."""
+
+    out_channels: int = 0  # 0: no ResBlock
+    attn_heads: int = 0  # 0: no attention
+    resample: str | None = None  # None | "down" | "up"
+    dropout: float = 0.0
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+    plan: QuantPlan | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+        if self.out_channels:
+            x = ResBlock(self.out_channels, self.dropout, self.groups, self.dtype, self.plan, name="res")(
+                x, emb, train
+            )
+        if self.attn_heads:
+            x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, name="attn")(x)
+        if self.resample == "down":
+            x = Downsample(self.dtype, self.plan, name="down")(x)
+        elif self.resample == "up":
+            x = Upsample(self.dtype, self.plan, name="up")(x)
+        return x
+
+
+class MiddleBlock(nn.Module):
+    """Res, Attn, Res at the lowest resolution."""
+
+    channels: int
+    attn_heads: int
+    dropout: float
+    groups: int
+    dtype: Dtype
+    plan: QuantPlan | None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+        res = lambda name: ResBlock(self.channels, self.dropout, self.groups, self.dtype, self.plan, name=name)  # noqa: E731
+        x = res("res_0")(x, emb, train)
+        x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, name="attn")(x)
+        return res("res_1")(x, emb, train)
+
+
+def _heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    return channels // num_head_channels if num_head_channels > 0 else num_heads
+
+
+def block_specs(cfg: Any) -> tuple[list[dict], dict, list[dict]]:
+    """Static structure of the UNet from a model config: (input blocks, middle, output blocks).
+
+    Each entry is a dict of Block fields plus "resolution" (SPEC §3 head/tail rule) and "channels".
+    Shared by the module and by rules/progressive, so the block table is computed in one place.
+    """
+    mc = cfg.model_channels
+    res = cfg.image_size
+    attn_res = set(cfg.attention_resolutions)
+    heads = lambda c: _heads(c, cfg.num_heads, cfg.num_head_channels)  # noqa: E731
+    inputs = [dict(kind="conv_in", out_channels=0, resolution=res, channels=mc)]
+    chans = [mc]
+    ch = mc
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            ch = mult * mc
+            inputs.append(
+                dict(out_channels=ch, attn_heads=heads(ch) if res in attn_res else 0, resample=None,
+                     resolution=res, channels=ch)
+            )
+            chans.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            res //= 2
+            inputs.append(dict(out_channels=0, attn_heads=0, resample="down", resolution=res, channels=ch))
+            chans.append(ch)
+    middle = dict(resolution=res, channels=ch, attn_heads=heads(ch))
+    outputs = []
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for i in range(cfg.num_res_blocks + 1):
+            skip = chans.pop()
+            ch = mc * mult
+            up = level and i == cfg.num_res_blocks
+            outputs.append(
+                dict(out_channels=ch, attn_heads=heads(ch) if res in attn_res else 0,
+                     resample="up" if up else None, resolution=res, channels=ch, skip_channels=skip)
+            )
+            if up:
+                res *= 2
+    return inputs, middle, outputs
+
+
+def block_infos(cfg: Any) -> list[BlockInfo]:
+    """The 2n+1 blocks in UNet order with their resolutions (SPEC §3, §6)."""
+    inputs, middle, outputs = block_specs(cfg)
+    names = [f"input_blocks_{i}" for i in range(len(inputs))] + ["middle_block"]
+    names += [f"output_blocks_{i}" for i in range(len(outputs))]
+    specs = inputs + [middle] + outputs
+    return [BlockInfo(n, i, s["resolution"], s["channels"]) for i, (n, s) in enumerate(zip(names, specs))]
+
+
+class UNet(nn.Module):
+    """openaimodel UNet. `config` is the model ConfigDict (see configs/default.py: model.*)."""
+
+    in_channels: int
+    out_channels: int
+    image_size: int
+    model_channels: int
+    channel_mult: Sequence[int]
+    num_res_blocks: int
+    attention_resolutions: Sequence[int]
+    dropout: float = 0.0
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_classes: int = 0
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    plan: QuantPlan | None = None
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, plan: QuantPlan | None = None) -> "UNet":
+        return cls(
+            in_channels=model_cfg.in_channels,
+            out_channels=model_cfg.out_channels,
+            image_size=model_cfg.image_size,
+            model_channels=model_cfg.model_channels,
+            channel_mult=tuple(model_cfg.channel_mult),
+            num_res_blocks=model_cfg.num_res_blocks,
+            attention_resolutions=tuple(model_cfg.attention_resolutions),
+            dropout=model_cfg.dropout,
+            num_heads=model_cfg.num_heads,
+            num_head_channels=model_cfg.num_head_channels,
+            num_classes=model_cfg.num_classes,
+            norm_groups=model_cfg.norm_groups,
+            dtype=jnp.dtype(model_cfg.dtype),
+            plan=plan,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False):
+        inputs, middle, outputs = block_specs(self)
+        mc = self.model_channels
+        dense = lambda n, name: QDense(n, dtype=self.dtype, plan=self.plan, name=name)  # noqa: E731
+        emb = timestep_embedding(t, mc)
+        emb = dense(4 * mc, "time_embed_0")(emb)
+        emb = dense(4 * mc, "time_embed_1")(nn.silu(emb))
+        if self.num_classes:
+            if y is None:
+                raise ValueError("model.num_classes > 0 but no labels were passed to the UNet")
+            emb = emb + nn.Embed(self.num_classes, 4 * mc, name="label_emb")(y).astype(emb.dtype)
+
+        block = lambda spec, name: Block(  # noqa: E731
+            out_channels=spec["out_channels"], attn_heads=spec["attn_heads"], resample=spec["resample"],
+            dropout=self.dropout, groups=self.norm_groups, dtype=self.dtype, plan=self.plan, name=name,
+        )
+        h = QConv(mc, dtype=self.dtype, plan=self.plan, name="conv_in")(x.astype(self.dtype))
+        feats = {"input_blocks_0": h}
+        hs = [h]
+        for i, spec in enumerate(inputs[1:], start=1):
+            h = block(spec, f"input_blocks_{i}")(h, emb, train)
+            feats[f"input_blocks_{i}"] = h
+            hs.append(h)
+
+        h = MiddleBlock(middle["channels"], middle["attn_heads"], self.dropout, self.norm_groups, self.dtype,
+                        self.plan, name="middle_block")(h, emb, train)
+        feats["middle_block"] = h
+
+        for i, spec in enumerate(outputs):
+            h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
+            h = block(spec, f"output_blocks_{i}")(h, emb, train)
+            feats[f"output_blocks_{i}"] = h
+
+        # One sow of the whole dict: variable names would collide with the block submodules' names.
+        self.sow("block_features", "blocks", feats)
+        h = nn.silu(GroupNorm32(self.norm_groups, self.dtype, name="out_norm")(h))
+        out = QConv(self.out_channels, zero_init=True, dtype=self.dtype, plan=self.plan, name="conv_out")(h)
+        return out.astype(jnp.float32)

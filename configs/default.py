@@ -1,0 +1,109 @@
+"""Defaults for every bdm-jax run; the other configs import this and override.
+
+Every field is documented where it is set. `bdm_jax.config.validate` checks all of them at start-up.
+Run: python train.py --config=configs/default.py --workdir=/tmp/run --config.train.steps=100
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # fp: train a full-precision model. baseline: naive binarization (one basis everywhere except the
+    # SPEC §3 FP layers, no LRM, no progressive). binarydm: everything of SPEC §2-§7.
+    c.method = "fp"
+
+    image_size = config_dict.FieldReference(16)
+    channels = config_dict.FieldReference(1)
+    num_classes = config_dict.FieldReference(0)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"  # digits | synthetic | folder | tfds:<name>
+    c.data.image_size = image_size
+    c.data.channels = channels
+    c.data.num_classes = num_classes
+    c.data.random_flip = False
+    c.data.data_dir = ""  # tfds data_dir or the image folder
+    c.data.size = 1024  # synthetic only
+
+    c.model = ml_collections.ConfigDict()
+    c.model.image_size = image_size
+    c.model.in_channels = channels
+    c.model.out_channels = channels
+    c.model.num_classes = num_classes
+    c.model.model_channels = 64
+    c.model.channel_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attention_resolutions = (8,)  # feature-map sizes (pixels) that get self-attention
+    c.model.num_heads = 1
+    c.model.num_head_channels = -1  # > 0 overrides num_heads with channels // num_head_channels
+    c.model.dropout = 0.0
+    c.model.norm_groups = 32
+    c.model.dtype = "float32"  # compute dtype; params are always float32 (bfloat16 on accelerators)
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.beta_schedule = "linear"  # linear | sqrt_linear (LDM "linear") | cosine
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.timesteps = 1000
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global batch
+    c.train.steps = 1000
+    c.train.lr = 2e-4
+    c.train.warmup_steps = 100
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.train.ema_decay = 0.999
+    c.train.log_every = 50
+    c.train.save_every = 500
+    c.train.sample_every = 0  # 0: only at the end
+    c.train.keep_checkpoints = 2
+
+    # BinaryDM (SPEC §2-§7). Placeholders (None) take the value of `method`'s preset; set them to ablate.
+    c.quant = ml_collections.ConfigDict()
+    c.quant.act_bits = 32  # 32 (off) | 8 | 4
+    c.quant.num_bases = 2  # k of the multi-basis layers
+    c.quant.multi_basis = config_dict.placeholder(bool)  # binarydm: True
+    # Which blocks are multi-basis: -1 = by resolution (>= head_tail_min_ratio of the input, SPEC §3),
+    # N >= 0 = the first and last N blocks (paper Table 9/10 ablation: 0, 3, 6, 12).
+    c.quant.head_tail_blocks = -1
+    c.quant.head_tail_min_ratio = 0.5
+    c.quant.fp_layers = r"^(time_embed_\d+|conv_in|conv_out|label_emb)$"
+    # Extra rules, applied last, in order: "regex=fp" | "regex=1" | "regex=2" (bases). Each must match a layer.
+    c.quant.rules = ()
+    c.quant.quantize_attention = config_dict.placeholder(bool)  # default: True when act_bits < 32
+    c.quant.lrm = config_dict.placeholder(str)  # pca | mse | none ; binarydm: pca
+    c.quant.lrm_k = 4
+    c.quant.lrm_lambda = 1e-4
+    c.quant.progressive = config_dict.placeholder(bool)  # binarydm: True
+    c.quant.progressive_interval = 1  # steps between rings (SPEC §6)
+    c.quant.progressive_grouping = "block"  # block | level
+    c.quant.ebb = False  # SPEC §2 EBB
+    c.quant.ebb_tau = 9e-2
+    c.quant.ebb_transition_step = -1  # step after which the second basis is dropped; -1 = never
+
+    # Teacher for QAT: a workdir of an FP run. Empty with method != fp: pretrain one first in
+    # <workdir>/teacher with `pretrain` overriding `train`.
+    c.teacher_workdir = ""
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.steps = 1000
+    c.pretrain.lr = 2e-4
+
+    # Device mesh (SPEC/issue "Scale-out"): axis sizes, -1 = all remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num = 64
+    c.sample.batch_size = 64
+    c.sample.sampler = "ddim"  # ddim | ddpm
+    c.sample.steps = 100
+    c.sample.eta = 0.0
+    c.sample.spacing = "uniform"  # uniform | quadratic
+    c.sample.clip_denoised = True
+    c.sample.seed = 0
+    return c

@@ -1,0 +1,214 @@
+"""Numerics of the binarizers and LSQ (SPEC §2, §4) against float64 numpy references."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bdm_jax import quant
+
+CONV = (3, 3, 4, 5)
+DENSE = (6, 7)
+
+
+def np_sign(x):
+    return np.where(x >= 0, 1.0, -1.0)
+
+
+def np_init_scales(w, k):
+    r = np.asarray(w, np.float64)
+    axes = tuple(range(r.ndim - 1))
+    out = []
+    for _ in range(k):
+        a = np.abs(r).mean(axis=axes)
+        r = r - a * np_sign(r)
+        out.append(a)
+    return np.stack(out)
+
+
+def np_binarize(w, scales):
+    r = np.asarray(w, np.float64)
+    w_b = np.zeros_like(r)
+    for a in np.asarray(scales, np.float64):
+        term = a * np_sign(r)
+        w_b += term
+        r = r - term
+    return w_b
+
+
+def kernel(shape, seed=0, std=1.0):
+    return np.random.default_rng(seed).normal(0.0, std, shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------- sign_ste
+
+
+def test_sign_ste_forward_and_zero():
+    x = jnp.array([-2.0, -1.0, -1e-8, 0.0, -0.0, 1e-8, 0.5, 3.0])
+    np.testing.assert_array_equal(quant.sign_ste(x), [-1, -1, -1, 1, 1, 1, 1, 1])
+    for dtype in (jnp.float32, jnp.bfloat16):
+        chex.assert_type(quant.sign_ste(x.astype(dtype)), dtype)
+
+
+def test_sign_ste_backward_is_clipped_identity():
+    x = np.array([-2.0, -1.0, -0.3, 0.0, 0.7, 1.0, 1.5], np.float32)
+    g = np.arange(1, 8, dtype=np.float32)
+    grad = jax.grad(lambda v: jnp.sum(jnp.asarray(g) * quant.sign_ste(v)))(jnp.asarray(x))
+    np.testing.assert_array_equal(grad, g * (np.abs(x) <= 1))
+
+
+# ---------------------------------------------------------------- scales and binarizer
+
+
+@pytest.mark.parametrize("shape", [CONV, DENSE])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_init_scales_and_binarize_match_numpy(shape, k):
+    w = kernel(shape, seed=k)
+    scales = quant.init_scales(jnp.asarray(w), k)
+    chex.assert_shape(scales, (k, shape[-1]))
+    chex.assert_type(scales, jnp.float32)
+    np.testing.assert_allclose(scales, np_init_scales(w, k), rtol=1e-5)
+
+    w_b = jax.jit(quant.multi_basis_binarize)(jnp.asarray(w), scales)
+    chex.assert_shape(w_b, shape)
+    chex.assert_type(w_b, jnp.float32)
+    np.testing.assert_allclose(w_b, np_binarize(w, np.asarray(scales)), rtol=1e-5, atol=1e-6)
+    if k == 1:  # the single-basis binarizer a1 * sign(w)
+        np.testing.assert_allclose(w_b, np.asarray(scales[0]) * np_sign(w), rtol=1e-6)
+
+
+def test_reconstruction_error_decreases_with_bases():
+    w = jnp.asarray(kernel(CONV, seed=3))
+    errs = [
+        float(jnp.mean((quant.multi_basis_binarize(w, quant.init_scales(w, k)) - w) ** 2))
+        for k in (1, 2, 3, 4)
+    ]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+
+
+def test_binarize_keeps_bf16_dtype():
+    w = jnp.asarray(kernel(DENSE)).astype(jnp.bfloat16)
+    chex.assert_type(quant.multi_basis_binarize(w, quant.init_scales(w, 2)), jnp.bfloat16)
+
+
+def test_binarize_rejects_wrong_scale_shape():
+    w = jnp.asarray(kernel(DENSE))
+    with pytest.raises(ValueError, match="C_out=7"):
+        quant.multi_basis_binarize(w, jnp.ones((2, 6)))
+
+
+@pytest.mark.parametrize("shape", [CONV, DENSE])
+def test_two_basis_gradients_match_hand_derivation(shape):
+    # Learned (not initial) scales, std chosen so both |w| <= 1 and |r1| <= 1 masks are mixed.
+    w = kernel(shape, seed=10, std=1.2).astype(np.float64)
+    rng = np.random.default_rng(11)
+    a1 = rng.uniform(0.4, 0.9, shape[-1])
+    a2 = rng.uniform(0.1, 0.5, shape[-1])
+    G = rng.normal(size=shape)
+
+    def loss(w_, a1_, a2_):
+        return jnp.sum(jnp.asarray(G, jnp.float32) * quant.multi_basis_binarize(w_, jnp.stack([a1_, a2_])))
+
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    dw, da1, da2 = jax.grad(loss, argnums=(0, 1, 2))(f32(w), f32(a1), f32(a2))
+
+    # Chain rule with d sign(x)/dx := 1[|x| <= 1]:
+    #   w_b = a1 s1 + a2 s2,  s1 = sign(w),  r1 = w - a1 s1,  s2 = sign(r1)
+    #   dL/dr1 = G a2 m2                              (m2 = 1[|r1| <= 1])
+    #   dL/ds1 = G a1 + dL/dr1 * (-a1)                (direct term and through r1)
+    #   dL/dw  = dL/dr1 * 1 + dL/ds1 * m1             (m1 = 1[|w| <= 1])
+    #          = G a1 m1 + G a2 m2 (1 - a1 m1)
+    #   dL/da1 = sum G s1 + sum dL/dr1 * (-s1),   dL/da2 = sum G s2
+    axes = tuple(range(len(shape) - 1))
+    s1 = np_sign(w)
+    m1 = (np.abs(w) <= 1).astype(np.float64)
+    r1 = w - a1 * s1
+    s2 = np_sign(r1)
+    m2 = (np.abs(r1) <= 1).astype(np.float64)
+    assert 0 < m1.mean() < 1 and 0 < m2.mean() < 1  # both STE clips are exercised
+    ref_dw = G * a1 * m1 + G * a2 * m2 * (1 - a1 * m1)
+    through_residual = (G * a2 * m2 * -s1).sum(axes)
+    ref_da1 = (G * s1).sum(axes) + through_residual
+    ref_da2 = (G * s2).sum(axes)
+    assert np.abs(through_residual).min() > 1e-2  # a1's residual path matters in this test
+
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(da1, ref_da1, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(da2, ref_da2, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- LSQ
+
+
+def lsq_range(bits):
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lsq_forward_and_gradients_match_formulas(bits):
+    qn, qp = lsq_range(bits)
+    rng = np.random.default_rng(bits)
+    s = 0.3 if bits == 4 else 0.02
+    x = rng.normal(0.0, 2.0 * s * qp / 2.5, (2, 3, 4, 5)).astype(np.float32)
+    v = x.astype(np.float64) / s
+    inside = (v >= qn) & (v <= qp)
+    assert inside.any() and (v < qn).any() and (v > qp).any()  # all three regions exercised
+
+    xq = quant.lsq_quantize(jnp.asarray(x), jnp.float32(s), bits)
+    chex.assert_type(xq, jnp.float32)
+    np.testing.assert_allclose(xq, np.round(np.clip(v, qn, qp)) * s, rtol=1e-6, atol=1e-7)
+    levels = np.asarray(xq, np.float64) / s
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+    assert levels.min() >= qn - 1e-4 and levels.max() <= qp + 1e-4
+
+    dx, ds = jax.grad(lambda a, b: jnp.sum(quant.lsq_quantize(a, b, bits)), argnums=(0, 1))(
+        jnp.asarray(x), jnp.float32(s)
+    )
+    g = 1.0 / np.sqrt(x.size * qp)
+    ref_ds = g * np.where(inside, np.round(v) - v, np.where(v < qn, qn, qp)).sum()
+    np.testing.assert_array_equal(dx, inside.astype(np.float32))
+    np.testing.assert_allclose(ds, ref_ds, rtol=1e-4)
+
+
+def test_lsq_bf16_keeps_dtype():
+    x = jnp.linspace(-1.0, 1.0, 16, dtype=jnp.bfloat16)
+    chex.assert_type(quant.lsq_quantize(x, jnp.float32(0.1), 8), jnp.bfloat16)
+
+
+def test_lsq_off_at_32_bits():
+    x = jnp.asarray(kernel(DENSE))
+    assert quant.lsq_quantize(x, jnp.float32(0.1), 32) is x
+
+
+@pytest.mark.parametrize("bits", [1, 2, 16, 0])
+def test_lsq_rejects_other_bit_widths(bits):
+    with pytest.raises(ValueError, match=rf"got {bits}\b"):
+        quant.lsq_quantize(jnp.ones(4), jnp.float32(0.1), bits)
+    with pytest.raises(ValueError, match=rf"got {bits}\b"):
+        quant.lsq_init_step(1.0, bits)
+
+
+@pytest.mark.parametrize("bits,qp", [(4, 7), (8, 127)])
+def test_lsq_init_step(bits, qp):
+    x = kernel(CONV)
+    step = quant.lsq_init_step(np.abs(x).mean(), bits)
+    np.testing.assert_allclose(step, 2 * np.abs(x).mean() / np.sqrt(qp), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- EBB
+
+
+def test_ebb_regularizer():
+    a2s = [np.array([0.1, 0.3]), np.array([0.2, 0.4, 0.6, 0.8])]
+    expected = 0.09 * np.mean([0.2, 0.5])
+    value = quant.ebb_regularizer([jnp.asarray(a) for a in a2s], 0.09)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        quant.ebb_regularizer({"a": jnp.asarray(a2s[0]), "b": {"c": jnp.asarray(a2s[1])}}, 0.09),
+        expected,
+        rtol=1e-6,
+    )
+    assert float(quant.ebb_regularizer([], 0.09)) == 0.0
+    grad = jax.grad(lambda a: quant.ebb_regularizer([a, a2s[1]], 0.5))(jnp.asarray(a2s[0]))
+    np.testing.assert_allclose(grad, [0.5 / 2 / 2] * 2, rtol=1e-6)  # tau / num_layers / len(a2)
