@@ -2,6 +2,7 @@
 
     python sample.py --workdir=workdirs/digits --num=64
     python sample.py --workdir=workdirs/digits/teacher --sampler=ddpm --out=/tmp/fp_samples
+    python sample.py --packed=workdirs/digits/packed --num=64     # 1-bit export (python -m bdm_jax.export)
 
 The model, plan and masks come from the newest checkpoint's saved config; EMA params are used.
 """
@@ -20,20 +21,28 @@ _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "DDIM or ances
 _STEPS = flags.DEFINE_integer("steps", 100, "DDIM steps (ignored by ddpm).", lower_bound=1)
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic).", lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/samples).")
-flags.mark_flags_as_required(["workdir"])
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/samples or <packed>/../samples).")
+_PACKED = flags.DEFINE_string("packed", None, "Packed 1-bit checkpoint (python -m bdm_jax.export) to sample "
+                              "instead of --workdir; same samples as the training model for the same seed.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from bdm_jax.sampling import sample_workdir
+    if (_WORKDIR.value is None) == (_PACKED.value is None):
+        raise app.UsageError("give exactly one of --workdir or --packed")
+    kw = dict(num=_NUM.value, batch_size=_BATCH.value, sampler=_SAMPLER.value, steps=_STEPS.value, eta=_ETA.value,
+              seed=_SEED.value, progress=True)
+    if _PACKED.value:
+        from bdm_jax.export import sample_packed
 
-    out = _OUT.value or os.path.join(_WORKDIR.value, "samples")
-    result = sample_workdir(
-        _WORKDIR.value, out, num=_NUM.value, batch_size=_BATCH.value, sampler=_SAMPLER.value,
-        steps=_STEPS.value, eta=_ETA.value, seed=_SEED.value, progress=True,
-    )
+        out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_PACKED.value)), "samples")
+        result = sample_packed(_PACKED.value, out, **kw)
+    else:
+        from bdm_jax.sampling import sample_workdir
+
+        out = _OUT.value or os.path.join(_WORKDIR.value, "samples")
+        result = sample_workdir(_WORKDIR.value, out, **kw)
     print(f"wrote {result['grid']} and {result['npz']}")
 
 

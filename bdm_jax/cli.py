@@ -51,5 +51,15 @@ def run_main(main) -> int:
     try:
         app.run(wrapped)
     except SystemExit as e:
+        if e.code is None:
+            return 0
         return e.code if isinstance(e.code, int) else 1
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections raises these while parsing --config.<field>=... overrides, before main runs.
+        overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+        name = str(e).strip("\"' ")
+        bad = [o for o in overrides if o.rsplit(".", 1)[-1] == name] or overrides
+        print(f"error: {' / '.join(bad) or '--config'} is not a valid config override ({type(e).__name__}: {name}); "
+              "the fields and their types are in configs/default.py", file=sys.stderr)
+        return 2
     return 0

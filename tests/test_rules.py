@@ -1,0 +1,103 @@
+"""Layer rules → plan (SPEC §3): which layers are FP, multi-basis, single basis; activation bits."""
+
+import functools
+
+import pytest
+
+from bdm_jax import rules
+from bdm_jax.config import ConfigError, validate
+from configs import ddpm_cifar10, ldm4_bedrooms
+
+
+@functools.lru_cache(maxsize=None)
+def _layers(name):
+    cfg = {"cifar": ddpm_cifar10, "ldm4": ldm4_bedrooms}[name].get_config()
+    return rules.enumerate_layers(cfg.model)
+
+
+def _plan(name, **quant):
+    cfg = {"cifar": ddpm_cifar10, "ldm4": ldm4_bedrooms}[name].get_config()
+    cfg.method = quant.pop("method", "binarydm")
+    for k, v in quant.items():
+        cfg.quant[k] = v
+    cfg = validate(cfg)
+    return rules.build_plan(cfg.model, cfg.quant, _layers(name)), cfg
+
+
+HEAD = {f"input_blocks_{i}" for i in range(6)} | {f"output_blocks_{i}" for i in range(6, 12)}
+FP_LAYERS = {"time_embed_0", "time_embed_1", "conv_in", "conv_out"}
+
+
+@pytest.mark.parametrize("name", ["cifar", "ldm4"])
+def test_default_binarydm_plan_matches_spec_section_3(name):
+    plan, _ = _plan(name)
+    layers = [li for li in _layers(name) if li.kind != "act"]
+    fp = {li.path for li in layers if plan.get(li.path).bases == 0}
+    multi = {li.path for li in layers if plan.get(li.path).bases == 2}
+    single = {li.path for li in layers if plan.get(li.path).bases == 1}
+    assert fp == FP_LAYERS
+    assert multi == {li.path for li in layers if li.block in HEAD and li.path != "conv_in"}
+    assert single == {li.path for li in layers if li.block not in HEAD and li.path not in FP_LAYERS}
+    # Every kind of layer the SPEC lists as single basis is present among the single-basis ones.
+    for part in ("attn/qkv", "attn/proj_out", "res/emb_dense", "res/skip", "down/conv", "up/conv", "middle_block"):
+        assert any(part in p for p in single), part
+    assert all(plan.get(p).act_bits == 32 for p in multi | single)
+
+
+def test_baseline_is_single_basis_everywhere_but_fp_layers():
+    plan, _ = _plan("cifar", method="baseline")
+    for li in _layers("cifar"):
+        if li.kind == "act":
+            assert plan.get(li.path).act_bits == 32
+        else:
+            assert plan.get(li.path).bases == (0 if li.path in FP_LAYERS else 1), li.path
+
+
+def test_head_tail_blocks_ablation():
+    plan, _ = _plan("ldm4", head_tail_blocks=3)
+    multi_blocks = {li.block for li in _layers("ldm4") if li.kind != "act" and plan.get(li.path).bases == 2}
+    assert multi_blocks == {"input_blocks_1", "input_blocks_2", "output_blocks_9", "output_blocks_10",
+                            "output_blocks_11"}
+    plan0, _ = _plan("ldm4", head_tail_blocks=0)
+    assert not any(plan0.get(li.path).bases == 2 for li in _layers("ldm4"))
+
+
+def test_activation_bits_and_attention_operands():
+    plan, _ = _plan("cifar", act_bits=4)
+    acts = [li for li in _layers("cifar") if li.kind == "act"]
+    assert acts and all(plan.get(li.path).act_bits == 4 for li in acts)
+    for li in _layers("cifar"):
+        if li.kind != "act":
+            assert plan.get(li.path).act_bits == (32 if li.path in FP_LAYERS else 4)
+    plan_noattn, _ = _plan("cifar", act_bits=8, quantize_attention=False)
+    assert all(plan_noattn.get(li.path).act_bits == 32 for li in acts)
+
+
+def test_user_rules_override_and_must_match():
+    plan, _ = _plan("cifar", rules=("^conv_out$=1", r"middle_block/attn/.*=fp"))
+    assert plan.get("conv_out").bases == 1
+    assert plan.get("middle_block/attn/qkv").bases == 0
+    with pytest.raises(ValueError, match="matches no layer"):
+        _plan("cifar", rules=("^no_such_layer$=2",))
+    with pytest.raises(ValueError, match="treatment"):
+        _plan("cifar", rules=("conv_out=three",))
+
+
+def test_plan_table_lists_every_weight_layer():
+    plan, _ = _plan("cifar")
+    table = rules.plan_table(_layers("cifar"), plan)
+    assert "conv_out" in table and "2 bases" in table and "1 basis" in table and "FP" in table
+    n_weight_layers = sum(li.kind != "act" for li in _layers("cifar"))
+    assert len([ln for ln in table.splitlines() if ln.split() and ln.split()[-1] == "32"]) == n_weight_layers
+
+
+def test_bad_quant_values_are_rejected():
+    cfg = ddpm_cifar10.get_config()
+    cfg.method = "binarydm"
+    cfg.quant.lrm_k = 1000
+    with pytest.raises(ConfigError, match="quant.lrm_k"):
+        validate(cfg)
+    cfg = ddpm_cifar10.get_config()
+    cfg.quant.act_bits = 6
+    with pytest.raises(ConfigError, match="quant.act_bits=6"):
+        validate(cfg)
