@@ -22,6 +22,9 @@ _STEPS = flags.DEFINE_integer("steps", 100, "DDIM steps (ignored by ddpm).", low
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic).", lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/samples or <packed>/../samples).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "Multi-process start-up "
+                                  "(jax.distributed.initialize); auto: when JAX_COORDINATOR_ADDRESS, srun, mpirun or a "
+                                  "TPU slice asks for it (bdm_jax/distributed.py).")
 _PACKED = flags.DEFINE_string("packed", None, "Packed 1-bit checkpoint (python -m bdm_jax.export) to sample "
                               "instead of --workdir; same samples as the training model for the same seed.")
 
@@ -31,6 +34,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (_WORKDIR.value is None) == (_PACKED.value is None):
         raise app.UsageError("give exactly one of --workdir or --packed")
+    from bdm_jax import distributed
+
+    distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
     kw = dict(num=_NUM.value, batch_size=_BATCH.value, sampler=_SAMPLER.value, steps=_STEPS.value, eta=_ETA.value,
               seed=_SEED.value, progress=True)
     if _PACKED.value:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
 
-from bdm_jax.checkpoint import CheckpointError
+from bdm_jax.checkpoint import CheckpointError, CheckpointWriteError
 from bdm_jax.config import ConfigError
+from bdm_jax.reliability import Preempted
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from bdm_jax.qat import TeacherMismatchError
     from bdm_jax.trainer import WorkdirError
 
-    return (ConfigError, CheckpointError, TeacherMismatchError, WorkdirError, ValueError, FloatingPointError)
+    # OSError: disk full or a vanished directory while writing metrics or samples is not a bug.
+    return (ConfigError, CheckpointError, TeacherMismatchError, WorkdirError, ValueError, FloatingPointError, OSError)
 
 
 def setup_logging() -> None:
@@ -33,6 +36,13 @@ def setup_logging() -> None:
     log.propagate = False
 
 
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own even under a live progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 def run_main(main) -> int:
     """app.run(main), printing `error: <message>` and exiting 2 on a user error."""
 
@@ -41,11 +51,18 @@ def run_main(main) -> int:
         try:
             return main(argv)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            _say("interrupted")
             return 130
+        except Preempted as e:  # SIGTERM / preemption: checkpoint saved, a rerun resumes (issue 10)
+            _say(str(e))
+            return 0
         except _user_errors() as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"error: {msg}", file=sys.stderr)
+            _say(f"error: {msg}")
+            if isinstance(e, CheckpointWriteError):
+                # orbax's helper threads of the failed save wait minutes for a signal that never comes
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(2)
             return 2
 
     try:

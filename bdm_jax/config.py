@@ -22,12 +22,22 @@ PRESETS = {
 }
 
 
+# Fields added after the first checkpoints were written; a config saved without them gets these values,
+# which are the behaviour of the code that wrote it.
+ADDED_MODEL_FIELDS = dict(flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, downsample_padding=1)
+AUTOENCODER_KINDS = ("none", "vq", "kl")
+# Reliability fields (issue 10), filled in configs saved before them.
+ADDED_FIELDS = {"resume": "latest", "train.nan_policy": "stop"}
+
+
 class ConfigError(ValueError):
     """A config value that is not allowed; the message is one line naming the field."""
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"config.{field}={value!r} is not allowed: {allowed}")
+    shown = repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+    shown = " ".join(shown.split()) if len(shown) <= 80 else " ".join(shown[:77].split()) + "..."  # one line
+    raise ConfigError(f"config.{field}={shown} is not allowed: {allowed}")
 
 
 def _check_int(cfg: Any, field: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -43,13 +53,20 @@ def _check_int(cfg: Any, field: str, lo: int | None = None, hi: int | None = Non
 
 def _check_float(cfg: Any, field: str, lo: float | None = None, hi: float | None = None, lo_open=False) -> float:
     value = _get(cfg, field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         _fail(field, value, "expected a finite number")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         _fail(field, value, f"must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and value > hi:
         _fail(field, value, f"must be <= {hi}")
     return float(value)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def _check_choice(cfg: Any, field: str, choices: Iterable[Any]) -> Any:
@@ -80,8 +97,22 @@ def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     """Return a copy of `config` whose quant switches are concrete (method preset for placeholders)."""
     _check_choice(config, "method", METHODS)
     cfg = ml_collections.ConfigDict(config.to_dict())
+    _check_kinds(cfg)
     preset = PRESETS[cfg.method]
     with cfg.unlocked():
+        for field, value in ADDED_FIELDS.items():
+            group, _, key = field.rpartition(".")
+            node = cfg[group] if group else cfg
+            if key not in node:
+                node[key] = value
+        if "model" in cfg:
+            for key, value in ADDED_MODEL_FIELDS.items():
+                if key not in cfg.model:
+                    cfg.model[key] = value
+        if "autoencoder" not in cfg:
+            from configs.default import get_config as _default_config
+
+            cfg.autoencoder = _default_config().autoencoder
         for key, value in preset.items():
             if cfg.quant[key] is None:
                 cfg.quant[key] = value
@@ -94,6 +125,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check every field; return the resolved config (resolve_method). Raises ConfigError."""
     cfg = resolve_method(config)
     _check_int(cfg, "seed", 0)
+    _check_choice(cfg, "resume", ("latest", "latest_good"))
+    _check_choice(cfg, "train.nan_policy", ("stop", "rollback"))
+    _check_int(cfg, "data.size", 1)
+    for f in ("data", "fsdp"):
+        if _check_int(cfg, f"mesh.{f}", -1) == 0:
+            _fail(f"mesh.{f}", 0, "-1 (all remaining devices) or a positive axis size")
+    if "fsdp_min_size" in cfg.mesh:
+        _check_int(cfg, "mesh.fsdp_min_size", 0)
 
     # data
     name = _get(cfg, "data.name")
@@ -108,6 +147,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     # model
     m = cfg.model
+    _check_int(cfg, "model.image_size", 1)
+    for f in ("in_channels", "out_channels", "num_heads"):
+        _check_int(cfg, f"model.{f}", 1)
+    _check_int(cfg, "model.num_classes", 0)
+    _check_int(cfg, "model.num_head_channels")
     _check_int(cfg, "model.model_channels", 1)
     _check_int(cfg, "model.num_res_blocks", 1)
     _check_int(cfg, "model.norm_groups", 1)
@@ -132,6 +176,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             _fail("model.num_head_channels", m.num_head_channels, f"must divide every level's channel count (not {w})")
         if m.num_head_channels <= 0 and w % m.num_heads:
             _fail("model.num_heads", m.num_heads, f"must divide every level's channel count (not {w})")
+
+    _check_bool(cfg, "model.flip_sin_to_cos")
+    _check_float(cfg, "model.freq_shift", 0.0)
+    if m.freq_shift >= m.model_channels // 2:
+        _fail("model.freq_shift", m.freq_shift, f"must be < model_channels // 2 = {m.model_channels // 2}")
+    _check_float(cfg, "model.norm_eps", 0.0, 1.0, lo_open=True)
+    _check_choice(cfg, "model.downsample_padding", (0, 1))
+
+    _validate_autoencoder(cfg)
 
     # diffusion
     _check_choice(cfg, "diffusion.beta_schedule", ("linear", "sqrt_linear", "cosine"))
@@ -196,6 +249,78 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_bool(cfg, "sample.clip_denoised")
     _check_int(cfg, "sample.seed", 0)
     return cfg
+
+
+def _validate_autoencoder(cfg: ml_collections.ConfigDict) -> None:
+    """config.autoencoder (latent diffusion, SPEC §7/§11) and its consistency with data.* and model.*."""
+    a, m = cfg.autoencoder, cfg.model
+    kind = _check_choice(cfg, "autoencoder.kind", AUTOENCODER_KINDS)
+    if kind == "none":
+        return
+    if not isinstance(a.path, str):
+        _fail("autoencoder.path", a.path, "a directory written by `python -m bdm_jax.convert` or '' (random init)")
+    _check_float(cfg, "autoencoder.scale_factor", 0.0, lo_open=True)
+    _check_bool(cfg, "autoencoder.sample_posterior")
+    _check_bool(cfg, "autoencoder.cache_latents")
+    _check_choice(cfg, "autoencoder.dtype", ("float32", "bfloat16", "float16"))
+    for f in ("ch", "num_res_blocks", "z_channels", "embed_dim", "n_embed", "norm_groups"):
+        _check_int(cfg, f"autoencoder.{f}", 1)
+    mult = a.ch_mult
+    if not isinstance(mult, (tuple, list)) or not mult or not all(isinstance(x, int) and x >= 1 for x in mult):
+        _fail("autoencoder.ch_mult", mult, "a non-empty tuple of positive integers, e.g. (1, 2, 4)")
+    for w in sorted({a.ch * x for x in mult}):
+        if w % a.norm_groups:
+            _fail("autoencoder.norm_groups", a.norm_groups, f"must divide every level's channel count (not {w})")
+    f = 2 ** (len(mult) - 1)
+    if cfg.data.image_size % f:
+        _fail("data.image_size", cfg.data.image_size, f"must be divisible by the autoencoder's downsampling factor {f}")
+    if m.image_size != cfg.data.image_size // f:
+        _fail("model.image_size", m.image_size,
+              f"latent diffusion: must be data.image_size / {f} = {cfg.data.image_size // f} (the latent size)")
+    for f_ in ("in_channels", "out_channels"):
+        if m[f_] != a.embed_dim:
+            _fail(f"model.{f_}", m[f_], f"latent diffusion: must be autoencoder.embed_dim = {a.embed_dim}")
+    if a.cache_latents and cfg.data.random_flip:
+        _fail("autoencoder.cache_latents", True,
+              "the cache holds one latent per image, so it cannot serve data.random_flip=True; set one of them False")
+    if cfg.sample.clip_denoised:
+        _fail("sample.clip_denoised", True, "latent diffusion: latents are not in [-1, 1]; set it False")
+
+
+_KINDS = {bool: "True or False", int: "a number", float: "a number", str: "a string", tuple: "a tuple",
+          list: "a tuple"}
+
+
+def _kind(value: Any) -> str:
+    """bool, number (int or float: the field checks decide which), string or tuple."""
+    return next((k for t, k in _KINDS.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _check_kinds(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict | None = None,
+                 prefix: str = "") -> None:
+    """Every field of `cfg` that configs/default.py also has holds the default's kind of value (group,
+    bool, number, string, tuple of the same kind of items; None where the default is a placeholder), so
+    the checks in `validate` never meet a value they cannot compare. Absent fields are left to them."""
+    if ref is None:
+        from configs.default import get_config as _default_config
+
+        ref = _default_config()
+    for key in ref.keys():
+        if key not in cfg:
+            continue
+        field, value, default = prefix + key, cfg[key], ref[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                _fail(field, value, "a group of fields (see configs/default.py)")
+            _check_kinds(value, default, field + ".")
+            continue
+        want = _KINDS.get(ref.get_type(key))
+        if want is None or (value is None and default is None):  # placeholder: resolve_method fills it
+            continue
+        if _kind(value) != want:
+            _fail(field, value, f"expected {want}")
+        if want == "a tuple" and default and any(_kind(v) != _kind(default[0]) for v in value):
+            _fail(field, value, f"expected a tuple of items like {tuple(default)!r}")
 
 
 def architecture_dict(config: ml_collections.ConfigDict) -> dict:

@@ -9,6 +9,10 @@ Binarized layers read a 0/1 `masks/binarize` variable (progressive binarization,
 the latent FP weight and the unquantized input, mask 1 the binarized weight and quantized input. The
 mask is data, so changing it never recompiles. Multi-basis layers also read `masks/extra_bases`, which
 EBB sets to 0 after its transition step to drop the second basis (SPEC §2).
+
+Exported models (bdm_jax.export) use a plan with `packed=True`: binarized layers then own
+`kernel_bits` (sign bits in uint8/uint32 words, layout in bdm_jax.pack) and `scales` instead of a latent
+kernel, unpack them inside jit, and always quantize their inputs (no masks: the model is fully binarized).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bdm_jax import pack
 from bdm_jax.quant import init_scales, lsq_quantize, multi_basis_binarize
 
 Dtype = Any
@@ -48,10 +53,14 @@ class QuantPlan:
 
     `probe=True` gives every layer a quantized spec; it is only used to enumerate the quantizable
     layers of a model (rules.enumerate_layers), never to train.
+    `packed=True` is the exported inference model (bdm_jax.export): binarized layers read packed sign
+    bits in `word_bits`-bit words and their `bases` are the exported ones.
     """
 
     entries: tuple[tuple[str, LayerSpec], ...] = ()
     probe: bool = False
+    packed: bool = False
+    word_bits: int = 32
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, LayerSpec]) -> "QuantPlan":
@@ -77,6 +86,12 @@ def module_spec(module: nn.Module, plan: QuantPlan | None) -> LayerSpec:
     return plan.get("/".join(module.path))
 
 
+def is_packed(module: nn.Module, spec: LayerSpec) -> bool:
+    """True when the layer's binarized kernel comes as packed sign bits (exported model)."""
+    plan = getattr(module, "plan", None)
+    return spec.bases > 0 and plan is not None and plan.packed
+
+
 def _mask(module: nn.Module, name: str) -> jax.Array:
     # Weight and input quantization of one layer share its mask; create it once.
     if module.has_variable("masks", name):
@@ -93,6 +108,9 @@ def quantize_input(module: nn.Module, spec: LayerSpec, x: jax.Array) -> jax.Arra
     module.sow("calib", "act_absmean", jnp.mean(jnp.abs(x.astype(jnp.float32))))
     step = module.param("act_step", nn.initializers.ones, (), jnp.float32)
     xq = lsq_quantize(x.astype(jnp.float32), step, spec.act_bits).astype(x.dtype)
+    plan = getattr(module, "plan", None)
+    if plan is not None and plan.packed:
+        return xq  # exported model: every layer binarized, i.e. mask 1
     return jnp.where(_mask(module, "binarize") > 0, xq, x)
 
 
@@ -110,6 +128,30 @@ def binarize_kernel(module: nn.Module, spec: LayerSpec, kernel: jax.Array) -> ja
         scales = jnp.concatenate([scales[:1], scales[1:] * keep], axis=0)
     w_b = multi_basis_binarize(kernel, scales)
     return jnp.where(_mask(module, "binarize") > 0, w_b, kernel)
+
+
+def packed_kernel(
+    module: nn.Module, spec: LayerSpec, shape: Sequence[int], x: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(binarized kernel, x) of an exported layer, unpacked inside jit (SPEC §2, §9; layout in bdm_jax.pack).
+
+    Params `kernel_bits` (uint words, (bases, words, C_out)) and `scales` (bases, C_out) are the only
+    weight storage; the float kernel is a temporary of the jitted computation. The unpack is tied to this
+    layer's input `x` (use the returned x), so neither loop-invariant code motion nor the scheduler can
+    unpack every layer up front and keep all float kernels alive at once (the memory of the FP weights):
+    by an optimization barrier, which XLA keeps through scheduling on GPU/TPU, and on CPU, whose compiler
+    strips barriers early, by xor with a zero it cannot fold (0.0 * an element of x).
+    """
+    word_bits = module.plan.word_bits
+    bits = module.param(
+        "kernel_bits", nn.initializers.zeros, pack.packed_shape(shape, spec.bases, word_bits),
+        pack.word_dtype(word_bits),
+    )
+    scales = module.param("scales", nn.initializers.ones, (spec.bases, shape[-1]), jnp.float32)
+    bits, scales, x = jax.lax.optimization_barrier((bits, scales, x))
+    if jax.default_backend() == "cpu":
+        bits = bits ^ (x.reshape(-1)[0].astype(jnp.float32) * 0.0).astype(bits.dtype)
+    return pack.binary_kernel(bits, scales, shape), x
 
 
 def _kernel_init(zero: bool):
@@ -136,12 +178,16 @@ class QConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         spec = module_spec(self, self.plan)
         kh, kw = self.kernel_size
-        kernel = self.param(
-            "kernel", _kernel_init(self.zero_init), (kh, kw, x.shape[-1], self.features), jnp.float32
-        )
+        shape = (kh, kw, x.shape[-1], self.features)
+        packed = is_packed(self, spec)
+        if not packed:
+            kernel = self.param("kernel", _kernel_init(self.zero_init), shape, jnp.float32)
         padding = ((kh // 2, kh // 2), (kw // 2, kw // 2)) if self.padding == "torch" else self.padding
         x = quantize_input(self, spec, x)
-        kernel = binarize_kernel(self, spec, kernel)
+        if packed:
+            kernel, x = packed_kernel(self, spec, shape, x)
+        else:
+            kernel = binarize_kernel(self, spec, kernel)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
@@ -167,11 +213,15 @@ class QDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         spec = module_spec(self, self.plan)
-        kernel = self.param(
-            "kernel", _kernel_init(self.zero_init), (x.shape[-1], self.features), jnp.float32
-        )
+        shape = (x.shape[-1], self.features)
+        packed = is_packed(self, spec)
+        if not packed:
+            kernel = self.param("kernel", _kernel_init(self.zero_init), shape, jnp.float32)
         x = quantize_input(self, spec, x)
-        kernel = binarize_kernel(self, spec, kernel)
+        if packed:
+            kernel, x = packed_kernel(self, spec, shape, x)
+        else:
+            kernel = binarize_kernel(self, spec, kernel)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)

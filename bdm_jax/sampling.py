@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -25,9 +26,12 @@ def load_for_sampling(workdir: str) -> tuple[ml_collections.ConfigDict, Any, Any
         raise ckpt_lib.CheckpointError(f"no complete checkpoint in {ckpt}")
     cfg = validate(ml_collections.ConfigDict(ckpt_lib.saved_config(mngr, step)))
     try:
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        target = ckpt_lib.saved_state_target(mngr, step)  # any topology -> replicated on this one (issue 5)
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     except Exception as e:  # noqa: BLE001 - reported with the path
         raise ckpt_lib.CheckpointError(f"checkpoint {ckpt}/{step} could not be restored ({type(e).__name__}: {e})") from None
+    finally:
+        mngr.close()
     return cfg, state["ema_params"], state.get("masks", {}), step
 
 
@@ -46,6 +50,7 @@ def sample_workdir(workdir: str, out_dir: str, *, num: int, batch_size: int, sam
     tag = f"{sampler}{steps if sampler == 'ddim' else ''}_seed{seed}_step{step}"
     grid = os.path.join(out_dir, f"sample_{tag}.png")
     npz = os.path.join(out_dir, f"sample_{tag}.npz")
-    images.save_grid(imgs[:64], grid)
-    images.save_npz(imgs, npz)
+    if jax.process_index() == 0:  # multi-host: every process holds all samples; one writes them
+        images.save_grid(imgs[:64], grid)
+        images.save_npz(imgs, npz)
     return {"grid": grid, "npz": npz, "images": imgs, "step": step, "config": cfg}

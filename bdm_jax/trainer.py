@@ -9,9 +9,11 @@ teacher in `<workdir>/teacher` (the README main job on digits).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -24,7 +26,7 @@ from flax import traverse_util
 
 from bdm_jax import checkpoint as ckpt_lib
 from bdm_jax import data as data_lib
-from bdm_jax import diffusion, images, progressive, rules, sharding
+from bdm_jax import diffusion, images, latent, progressive, reliability, rules, sharding
 from bdm_jax.config import validate
 from bdm_jax.layers import QuantPlan
 from bdm_jax.lrm import feature_mse_loss, lrm_loss
@@ -51,6 +53,7 @@ class Setup:
     layers: list | None
     sched: diffusion.Schedule
     quant: bool
+    codec: latent.Codec | None = None  # latent diffusion: the frozen first stage (config.autoencoder)
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "Setup":
@@ -58,11 +61,12 @@ class Setup:
         sched = diffusion.make_schedule(
             cfg.diffusion.beta_schedule, cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end
         )
+        codec = latent.Codec.from_config(cfg)
         if cfg.method == "fp":
-            return cls(cfg, fp_model, fp_model, None, None, sched, False)
+            return cls(cfg, fp_model, fp_model, None, None, sched, False, codec)
         layers = rules.enumerate_layers(cfg.model)
         plan = rules.build_plan(cfg.model, cfg.quant, layers)
-        return cls(cfg, fp_model, UNet.from_config(cfg.model, plan), plan, layers, sched, True)
+        return cls(cfg, fp_model, UNet.from_config(cfg.model, plan), plan, layers, sched, True, codec)
 
     def labels(self, batch: dict) -> jax.Array | None:
         return batch["label"] if self.cfg.model.num_classes else None
@@ -72,8 +76,8 @@ def prepare_workdir(workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
+        fd, probe = tempfile.mkstemp(prefix=".write_test", dir=workdir)  # unique: hosts may share the workdir
+        with os.fdopen(fd, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
@@ -176,28 +180,48 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation, mask_fn: Cal
     return step_fn
 
 
-def make_sample_fn(setup: Setup, num: int) -> Callable:
-    """sample(params, masks, rng) -> float32 [num, H, W, C] images in [-1, 1] (jitted; SPEC §8)."""
+def make_sample_fn(setup: Setup, num: int, mesh: Any = None) -> Callable:
+    """sample(params, masks, rng) -> float32 [num, H, W, C] images in [-1, 1] (jitted; SPEC §8).
+
+    With a `mesh`, the batch is split over all its devices (replicated if `num` does not divide evenly);
+    the values do not depend on the split (threefry random bits are partitionable)."""
     cfg, s = setup.cfg, setup.cfg.sample
+    out_sh = sharding.sample_sharding(mesh, num)
+    constrain = (lambda x: jax.lax.with_sharding_constraint(x, out_sh)) if out_sh is not None else (lambda x: x)  # noqa: E731
     shape = (num, cfg.model.image_size, cfg.model.image_size, cfg.model.out_channels)
     labels = jnp.arange(num, dtype=jnp.int32) % cfg.model.num_classes if cfg.model.num_classes else None
 
-    @jax.jit
-    def sample(params, masks, rng):
+    codec = setup.codec
+
+    @functools.partial(jax.jit, **({} if out_sh is None else {"out_shardings": out_sh}))
+    def sample(params, masks, rng, codec_params):
         variables = {"params": params, "masks": masks} if setup.quant else {"params": params}
-        model_fn = lambda x, t: setup.model.apply(variables, x, t, labels)  # noqa: E731
+        model_fn = lambda x, t: constrain(setup.model.apply(variables, constrain(x), t, labels))  # noqa: E731
         x = diffusion.sample(model_fn, setup.sched, shape, rng, sampler=s.sampler, steps=s.steps, eta=s.eta,
                              spacing=s.spacing, clip_denoised=s.clip_denoised)
+        if codec is not None:  # latent diffusion: decode the sampled latents to images
+            x = codec.decode(codec_params, x)
         return jnp.clip(x, -1.0, 1.0)
 
-    return sample
+    # The autoencoder's params go in as an argument, not as constants baked into the compiled sampler.
+    codec_params = codec.params if codec is not None else None
+    if codec_params is not None and mesh is not None:
+        codec_params = sharding.on_mesh(codec_params, mesh)
+    return lambda params, masks, rng: sample(params, masks, rng, codec_params)
 
 
 def generate(setup: Setup, params: Any, masks: Any, num: int, batch_size: int, seed: int,
-             progress: bool = False) -> np.ndarray:
-    """`num` uint8 samples, batch by batch; batch i uses fold_in(seed key, i) so results don't depend on timing."""
+             progress: bool = False, mesh: Any = None) -> np.ndarray:
+    """`num` uint8 samples, batch by batch; batch i uses fold_in(seed key, i) so results don't depend on timing.
+
+    Each batch is split over the devices of `mesh` (default: all devices, if more than one); params and
+    masks not yet on its devices are placed there (replicated, or by the FSDP rule of a given mesh)."""
     batch_size = min(batch_size, num)
-    sample = make_sample_fn(setup, batch_size)
+    if mesh is None and jax.device_count() > 1:
+        mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
+    if mesh is not None:
+        params, masks = sharding.on_mesh(params, mesh), sharding.on_mesh(masks, mesh)
+    sample = make_sample_fn(setup, batch_size, mesh)
     key = jax.random.key(seed)
     out = []
     batches = range((num + batch_size - 1) // batch_size)
@@ -206,8 +230,42 @@ def generate(setup: Setup, params: Any, masks: Any, num: int, batch_size: int, s
 
         batches = tqdm(batches, desc="sampling", unit="batch")
     for i in batches:
-        out.append(images.to_uint8(jax.device_get(sample(params, masks, jax.random.fold_in(key, i)))))
+        out.append(images.to_uint8(sharding.to_host(sample(params, masks, jax.random.fold_in(key, i)))))
     return np.concatenate(out)[:num]
+
+
+@dataclasses.dataclass
+class ShardedTraining:
+    """The train state's abstract shape and shardings on a mesh, and the jitted init and update step."""
+
+    abstract: TrainState  # ShapeDtypeStructs with .sharding: the restore target of any checkpoint
+    shardings: TrainState
+    init: Callable  # init(teacher_params, batch0) -> TrainState at step 0, sharded
+    step: Callable  # step(state, batch) -> (state, metrics); donates `state`
+
+
+def shard_training(setup: Setup, tx: optax.GradientTransformation, mesh: Any, batch0: dict) -> ShardedTraining:
+    """Abstract state (eval_shape) -> shardings by one rule for every leaf (params, EMA, optax moments,
+    teacher, LRM bases, masks, step, rng; sharding.state_shardings) -> jitted init with out_shardings and
+    the update step jitted with in/out shardings and the state donated (issue 5)."""
+    cfg = setup.cfg
+    init = make_init_fn(setup, tx)
+    rng_data = jax.random.key_data(jax.random.key(cfg.seed))
+    if setup.quant:
+        teacher_abstract = jax.eval_shape(
+            lambda: setup.fp_model.init(jax.random.key(0), batch0["image"][:1], jnp.zeros((1,), jnp.int32),
+                                        None if setup.labels(batch0) is None else setup.labels(batch0)[:1])["params"]
+        )
+    else:
+        teacher_abstract = {}
+    abstract = jax.eval_shape(init, rng_data, teacher_abstract, batch0)
+    state_sh = sharding.state_shardings(abstract, mesh, sharding.fsdp_min_size(cfg.mesh))
+    abstract = sharding.with_shardings(abstract, state_sh)
+    init_fn = jax.jit(init, out_shardings=state_sh)
+    mask_fn = make_mask_fn(setup, abstract.masks)
+    step_fn = jax.jit(make_train_step(setup, tx, mask_fn), in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    return ShardedTraining(abstract, state_sh, lambda teacher, batch0: init_fn(rng_data, teacher, batch0), step_fn)
 
 
 def stage_config(cfg: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
@@ -232,7 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    """One training run (FP or QAT) of a validated config."""
+    """One training run (FP or QAT) of a validated config; with train.nan_policy=rollback a non-finite step
+    restarts it from the last checkpoint without that step's batch (reliability.run_with_rollback)."""
+    return reliability.run_with_rollback(_train_once, cfg, workdir)
+
+
+def _train_once(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     from tqdm import tqdm
 
     workdir = prepare_workdir(workdir)
@@ -244,6 +307,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
     source = data_lib.create_source(cfg.data)
     setup = Setup.from_config(cfg)
+    to_latents = lambda batch, step: batch  # noqa: E731 - pixel-space diffusion
+    if setup.codec is not None:  # latent diffusion: batches of images become scaled latents (SPEC §7)
+        cached = bool(cfg.autoencoder.cache_latents)
+        if cached:
+            source = latent.cached_source(setup.codec, source, cfg, workdir, cfg.train.batch_size)
+        encode = setup.codec.to_latents_fn(cached, sharding.batch_sharding(mesh))
+        codec_params = jax.device_put(setup.codec.params, sharding.replicated(mesh))
+        to_latents = lambda batch, step: dict(  # noqa: E731
+            batch, image=encode(codec_params, batch["image"], latent.step_rng(cfg.seed, step)))
     if setup.quant and is_main:
         table = rules.plan_table(setup.layers, setup.plan)
         with open(os.path.join(workdir, "quant_plan.txt"), "w") as f:
@@ -251,76 +323,59 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("quantization plan written to %s", os.path.join(workdir, "quant_plan.txt"))
     tx = make_optimizer(cfg.train)
     mngr = ckpt_lib.manager(workdir, keep=cfg.train.keep_checkpoints)
-    latest = mngr.latest_step()
-    if latest is not None:
-        ckpt_lib.check_architecture(ckpt_lib.saved_config(mngr, latest), cfg, os.path.join(str(mngr.directory), str(latest)))
+    resume = reliability.Resume(mngr, cfg)  # skips partial saves; checks the newest checkpoint's config
+    latest = resume.step
 
     batch_kw = dict(global_batch_size=cfg.train.batch_size, seed=cfg.seed, random_flip=cfg.data.random_flip,
                     process_index=jax.process_index(), process_count=jax.process_count())
     b_shard = sharding.batch_sharding(mesh)
-    batch0 = sharding.global_batch(data_lib.get_batch(source, 0, **batch_kw), b_shard)
-    init = make_init_fn(setup, tx)
-    rng_data = jax.random.key_data(jax.random.key(cfg.seed))
-    if setup.quant:
-        teacher_abstract = jax.eval_shape(
-            lambda: setup.fp_model.init(jax.random.key(0), batch0["image"][:1], jnp.zeros((1,), jnp.int32),
-                                        None if setup.labels(batch0) is None else setup.labels(batch0)[:1])["params"]
-        )
-    else:
-        teacher_abstract = {}
-    abstract = jax.eval_shape(init, rng_data, teacher_abstract, batch0)
-    state_sh = sharding.state_shardings(abstract, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    batch0 = to_latents(sharding.global_batch(data_lib.get_batch(source, 0, **batch_kw), b_shard), 0)
+    sharded = shard_training(setup, tx, mesh, batch0)
+    abstract, step_fn = sharded.abstract, sharded.step
 
     if latest is not None:
-        state = ckpt_lib.restore_state(mngr, latest, abstract)
+        state, latest = resume.restore(abstract)
         log.info("resumed from %s at step %d", mngr.directory, latest)
     else:
         teacher = {}
         if setup.quant:
-            teacher, tstep = ckpt_lib.load_params(cfg.teacher_workdir, cfg)
+            teacher, tstep = ckpt_lib.load_params(cfg.teacher_workdir, cfg, mesh=mesh,
+                                                  fsdp_min_size=sharding.fsdp_min_size(cfg.mesh))
             log.info("teacher: EMA params of %s at step %d", cfg.teacher_workdir, tstep)
-        state = jax.jit(init, out_shardings=state_sh)(rng_data, teacher, batch0)
-
-    mask_fn = make_mask_fn(setup, abstract.masks)
-    step_fn = jax.jit(make_train_step(setup, tx, mask_fn), in_shardings=(state_sh, b_shard),
-                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+        state = sharded.init(teacher, batch0)
 
     start, total = int(state.step), cfg.train.steps
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if is_main:
+        reliability.trim_metrics(metrics_path, start)
     sample_dir = os.path.join(workdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
     history: list[dict] = []
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+        ckpt_lib.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
 
     def dump_samples(step: int) -> None:
         imgs = generate(setup, state.ema_params, state.masks, min(cfg.sample.num, 64), cfg.sample.batch_size,
-                        cfg.sample.seed)
+                        cfg.sample.seed, mesh=mesh)
         if is_main:
             images.save_grid(imgs, os.path.join(sample_dir, f"grid_{step:07d}.png"))
 
     t_start, acc = time.time(), []
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.method}", unit="step", disable=not is_main,
                dynamic_ncols=True)
-    with data_lib.Prefetcher(source, start, total, **batch_kw) as batches:
+    with reliability.batches(source, start, total, workdir, **batch_kw) as batches, reliability.RunGuard(mngr) as guard:
         for step in range(start, total):
-            batch = sharding.global_batch(next(batches), b_shard)
+            batch = to_latents(sharding.global_batch(next(batches), b_shard), step)
             state, metrics = step_fn(state, batch)
             acc.append(metrics)
             done = step + 1
             bar.update(1)
-            if done % cfg.train.log_every == 0 or done == total:
+            stopping = guard.should_stop(done)  # SIGTERM / preemption: save this step and exit
+            if done % cfg.train.log_every == 0 or done == total or stopping:
                 host = jax.device_get(acc)
                 acc = []
+                reliability.check_finite(host, done)
                 row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                bad = [k for k, v in row.items() if not np.isfinite(v)]
-                if bad:
-                    raise FloatingPointError(
-                        f"non-finite {', '.join(bad)} at step {done} (terms: "
-                        + ", ".join(f"{k}={v:.4g}" for k, v in row.items()) + ")"
-                    )
                 elapsed = time.time() - t_start
                 rate = (done - start) / max(elapsed, 1e-9)
                 row.update(step=done, steps_per_sec=rate, eta_sec=(total - done) / max(rate, 1e-9),
@@ -330,13 +385,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if done % cfg.train.save_every == 0 or done == total:
+            if done % cfg.train.save_every == 0 or done == total or stopping:
+                reliability.check_finite(jax.device_get(acc), done)  # never checkpoint a non-finite state
                 ckpt_lib.save(mngr, done, state, cfg)
+            if stopping:
+                raise guard.preempted(done)
             if cfg.train.sample_every and done % cfg.train.sample_every == 0 and done != total:
                 dump_samples(done)
     bar.close()
     mngr.wait_until_finished()
-    if start < total or not os.listdir(sample_dir):
+    mngr.close()  # joins orbax's background threads, so nothing outlives the run
+    if start < total or not os.path.exists(os.path.join(sample_dir, f"grid_{total:07d}.png")):
         dump_samples(total)
     return {"workdir": workdir, "step": int(state.step), "history": history,
             "grid": os.path.join(sample_dir, f"grid_{total:07d}.png")}

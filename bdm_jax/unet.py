@@ -37,12 +37,19 @@ class BlockInfo:
     channels: int  # channels of the block's output
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding [cos | sin] as in the LDM openaimodel."""
+def timestep_embedding(
+    t: jax.Array, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = True, freq_shift: float = 0.0
+) -> jax.Array:
+    """Sinusoidal embedding; defaults are the LDM openaimodel's [cos | sin] with freqs exp(-ln(P) i / half).
+
+    `flip_sin_to_cos=False, freq_shift=1` is the original DDPM's [sin | cos] with exp(-ln(P) i / (half - 1))
+    (diffusers' names for the two conventions), needed to run converted DDPM checkpoints exactly.
+    """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     args = t.astype(jnp.float32)[:, None] * freqs[None]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    parts = [jnp.cos(args), jnp.sin(args)]
+    emb = jnp.concatenate(parts if flip_sin_to_cos else parts[::-1], axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -53,10 +60,11 @@ class GroupNorm32(nn.Module):
 
     groups: int = 32
     dtype: Dtype = jnp.float32
+    eps: float = 1e-5  # LDM's; the original DDPM (and its diffusers port) uses 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32)(
+        y = nn.GroupNorm(num_groups=self.groups, epsilon=self.eps, dtype=jnp.float32, param_dtype=jnp.float32)(
             x.astype(jnp.float32)
         )
         return y.astype(self.dtype)
@@ -68,14 +76,15 @@ class ResBlock(nn.Module):
     groups: int
     dtype: Dtype
     plan: QuantPlan | None
+    eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-        h = nn.silu(GroupNorm32(self.groups, self.dtype, name="in_norm")(x))
+        h = nn.silu(GroupNorm32(self.groups, self.dtype, self.eps, name="in_norm")(x))
         h = QConv(self.out_channels, dtype=self.dtype, plan=self.plan, name="in_conv")(h)
         e = QDense(self.out_channels, dtype=self.dtype, plan=self.plan, name="emb_dense")(nn.silu(emb))
         h = h + e[:, None, None, :].astype(h.dtype)
-        h = nn.silu(GroupNorm32(self.groups, self.dtype, name="out_norm")(h))
+        h = nn.silu(GroupNorm32(self.groups, self.dtype, self.eps, name="out_norm")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = QConv(self.out_channels, zero_init=True, dtype=self.dtype, plan=self.plan, name="out_conv")(h)
         if x.shape[-1] != self.out_channels:
@@ -90,13 +99,14 @@ class AttentionBlock(nn.Module):
     groups: int
     dtype: Dtype
     plan: QuantPlan | None
+    eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
         heads = self.num_heads
         ch = c // heads
-        h = GroupNorm32(self.groups, self.dtype, name="norm")(x).reshape(b, hgt * wid, c)
+        h = GroupNorm32(self.groups, self.dtype, self.eps, name="norm")(x).reshape(b, hgt * wid, c)
         qkv = QDense(3 * c, dtype=self.dtype, plan=self.plan, name="qkv")(h)
         qkv = qkv.reshape(b, hgt * wid, heads, 3, ch)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
@@ -114,10 +124,12 @@ class AttentionBlock(nn.Module):
 class Downsample(nn.Module):
     dtype: Dtype
     plan: QuantPlan | None
+    padding: int = 1  # 1: conv pad 1 (LDM); 0: pad bottom/right by 1, conv pad 0 (DDPM, TF "SAME")
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return QConv(x.shape[-1], strides=(2, 2), dtype=self.dtype, plan=self.plan, name="conv")(x)
+        pad = "torch" if self.padding == 1 else ((0, 1), (0, 1))
+        return QConv(x.shape[-1], strides=(2, 2), padding=pad, dtype=self.dtype, plan=self.plan, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -140,17 +152,19 @@ class Block(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     plan: QuantPlan | None = None
+    eps: float = 1e-5
+    downsample_padding: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         if self.out_channels:
-            x = ResBlock(self.out_channels, self.dropout, self.groups, self.dtype, self.plan, name="res")(
+            x = ResBlock(self.out_channels, self.dropout, self.groups, self.dtype, self.plan, self.eps, name="res")(
                 x, emb, train
             )
         if self.attn_heads:
-            x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, name="attn")(x)
+            x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, self.eps, name="attn")(x)
         if self.resample == "down":
-            x = Downsample(self.dtype, self.plan, name="down")(x)
+            x = Downsample(self.dtype, self.plan, self.downsample_padding, name="down")(x)
         elif self.resample == "up":
             x = Upsample(self.dtype, self.plan, name="up")(x)
         return x
@@ -165,12 +179,15 @@ class MiddleBlock(nn.Module):
     groups: int
     dtype: Dtype
     plan: QuantPlan | None
+    eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-        res = lambda name: ResBlock(self.channels, self.dropout, self.groups, self.dtype, self.plan, name=name)  # noqa: E731
+        res = lambda name: ResBlock(  # noqa: E731
+            self.channels, self.dropout, self.groups, self.dtype, self.plan, self.eps, name=name
+        )
         x = res("res_0")(x, emb, train)
-        x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, name="attn")(x)
+        x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, self.eps, name="attn")(x)
         return res("res_1")(x, emb, train)
 
 
@@ -245,6 +262,11 @@ class UNet(nn.Module):
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
     plan: QuantPlan | None = None
+    # Numerics conventions that leave the param shapes alone (configs/default.py model.*): LDM defaults.
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
 
     @classmethod
     def from_config(cls, model_cfg: Any, plan: QuantPlan | None = None) -> "UNet":
@@ -263,6 +285,11 @@ class UNet(nn.Module):
             norm_groups=model_cfg.norm_groups,
             dtype=jnp.dtype(model_cfg.dtype),
             plan=plan,
+            # .get: configs saved before these fields existed keep today's behaviour.
+            flip_sin_to_cos=model_cfg.get("flip_sin_to_cos", True),
+            freq_shift=model_cfg.get("freq_shift", 0),
+            norm_eps=model_cfg.get("norm_eps", 1e-5),
+            downsample_padding=model_cfg.get("downsample_padding", 1),
         )
 
     @nn.compact
@@ -270,7 +297,7 @@ class UNet(nn.Module):
         inputs, middle, outputs = block_specs(self)
         mc = self.model_channels
         dense = lambda n, name: QDense(n, dtype=self.dtype, plan=self.plan, name=name)  # noqa: E731
-        emb = timestep_embedding(t, mc)
+        emb = timestep_embedding(t, mc, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
         emb = dense(4 * mc, "time_embed_0")(emb)
         emb = dense(4 * mc, "time_embed_1")(nn.silu(emb))
         if self.num_classes:
@@ -280,7 +307,8 @@ class UNet(nn.Module):
 
         block = lambda spec, name: Block(  # noqa: E731
             out_channels=spec["out_channels"], attn_heads=spec["attn_heads"], resample=spec["resample"],
-            dropout=self.dropout, groups=self.norm_groups, dtype=self.dtype, plan=self.plan, name=name,
+            dropout=self.dropout, groups=self.norm_groups, dtype=self.dtype, plan=self.plan, eps=self.norm_eps,
+            downsample_padding=self.downsample_padding, name=name,
         )
         h = QConv(mc, dtype=self.dtype, plan=self.plan, name="conv_in")(x.astype(self.dtype))
         feats = {"input_blocks_0": h}
@@ -291,7 +319,7 @@ class UNet(nn.Module):
             hs.append(h)
 
         h = MiddleBlock(middle["channels"], middle["attn_heads"], self.dropout, self.norm_groups, self.dtype,
-                        self.plan, name="middle_block")(h, emb, train)
+                        self.plan, self.norm_eps, name="middle_block")(h, emb, train)
         feats["middle_block"] = h
 
         for i, spec in enumerate(outputs):
@@ -301,6 +329,6 @@ class UNet(nn.Module):
 
         # One sow of the whole dict: variable names would collide with the block submodules' names.
         self.sow("block_features", "blocks", feats)
-        h = nn.silu(GroupNorm32(self.norm_groups, self.dtype, name="out_norm")(h))
+        h = nn.silu(GroupNorm32(self.norm_groups, self.dtype, self.norm_eps, name="out_norm")(h))
         out = QConv(self.out_channels, zero_init=True, dtype=self.dtype, plan=self.plan, name="conv_out")(h)
         return out.astype(jnp.float32)

@@ -11,6 +11,10 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Which checkpoint a workdir resumes from. latest: the newest complete one; if it cannot be restored
+    # (truncated, unreadable, other config) stop and say why. latest_good: move such a checkpoint to
+    # <workdir>/checkpoints_rejected/ and fall back to the previous one. Interrupted saves are always skipped.
+    c.resume = "latest"  # latest | latest_good
     # fp: train a full-precision model. baseline: naive binarization (one basis everywhere except the
     # SPEC §3 FP layers, no LRM, no progressive). binarydm: everything of SPEC §2-§7.
     c.method = "fp"
@@ -42,6 +46,32 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.norm_groups = 32
     c.model.dtype = "float32"  # compute dtype; params are always float32 (bfloat16 on accelerators)
+    # Numerics conventions (no effect on param shapes). Defaults: LDM openaimodel. The original DDPM
+    # (diffusers google/ddpm-cifar10-32, configs/ddpm_cifar10.py) uses False, 1, 1e-6, 0.
+    c.model.flip_sin_to_cos = True  # time embedding [cos | sin] (True) or [sin | cos] (False)
+    c.model.freq_shift = 0  # time-embedding freqs exp(-ln(1e4) i / (half - freq_shift)), i < half
+    c.model.norm_eps = 1e-5  # GroupNorm epsilon
+    c.model.downsample_padding = 1  # 1: conv pad 1; 0: pad bottom/right by 1 then conv pad 0 (TF "SAME")
+
+    # Latent diffusion (SPEC §7, §11): a frozen FP first-stage autoencoder maps images to latents; only the
+    # UNet is trained/binarized. The UNet then sees model.image_size = data.image_size / 2**(len(ch_mult)-1)
+    # and model.in/out_channels = embed_dim (the LDM configs set both). Architecture fields use the names
+    # of the CompVis ddconfig; `python -m bdm_jax.convert` writes `path` from a pretrained checkpoint.
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.kind = "none"  # none (pixel space) | vq (VQModel, e.g. VQ-f4) | kl (AutoencoderKL, e.g. KL-f8)
+    c.autoencoder.path = ""  # converted autoencoder dir; "" = random init from `seed` (tests/smoke runs only)
+    c.autoencoder.scale_factor = 1.0  # latents = scale_factor * encoder output (LDM: 1.0 for VQ-f4)
+    c.autoencoder.sample_posterior = True  # kl: sample the posterior (LDM) instead of taking its mean
+    c.autoencoder.cache_latents = False  # encode the dataset once to disk instead of every step
+    c.autoencoder.cache_dir = ""  # "" = <workdir>/latent_cache
+    c.autoencoder.dtype = "float32"  # compute dtype of the frozen autoencoder
+    c.autoencoder.ch = 128
+    c.autoencoder.ch_mult = (1, 2, 4)
+    c.autoencoder.num_res_blocks = 2
+    c.autoencoder.z_channels = 3
+    c.autoencoder.embed_dim = 3  # latent channels seen by the UNet
+    c.autoencoder.n_embed = 8192  # vq: codebook size
+    c.autoencoder.norm_groups = 32
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.beta_schedule = "linear"  # linear | sqrt_linear (LDM "linear") | cosine
@@ -61,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.save_every = 500
     c.train.sample_every = 0  # 0: only at the end
     c.train.keep_checkpoints = 2
+    # A NaN/inf loss term or gradient norm: stop (naming the step and the terms), or roll back to the last
+    # checkpoint and skip that step's batch (the skip list is kept in <workdir>/skipped_batches.json).
+    c.train.nan_policy = "stop"  # stop | rollback
 
     # BinaryDM (SPEC §2-§7). Placeholders (None) take the value of `method`'s preset; set them to ablate.
     c.quant = ml_collections.ConfigDict()
@@ -96,6 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
+    c.mesh.fsdp_min_size = 2**16  # with fsdp > 1, only arrays of at least this many elements are split
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num = 64

@@ -1,0 +1,302 @@
+"""Shared pieces of the benchmarks (issue 9): benchmark configs, device facts, timing, XLA cost/memory, JSON.
+
+Every benchmark process writes one JSON record per row with `record(...)`; a row that fails (OOM, compile
+error) is a record with `status="error"` and the one-line reason, never a crash of the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `configs` is a top-level package of the repository
+    sys.path.insert(0, ROOT)
+
+MODELS = ("cifar10", "ldm4")
+METHODS = ("fp", "baseline", "binarydm")
+DTYPES = {"bf16": "bfloat16", "f32": "float32"}
+
+# The official PyTorch BinaryDM QAT step (LDM openaimodel UNet, fp32, LRM + 8-bit activation quantization),
+# random 64x64x3 latents, measured by the issue's author. Shown next to ours in docs/BENCHMARKS.md.
+OFFICIAL_REFERENCE = {
+    "card": "NVIDIA H200",
+    "source": "official PyTorch BinaryDM (LDM openaimodel UNet, fp32), issue 9",
+    "rows": [
+        dict(what="QAT step W1A8 + LRM", model="ldm4", batch=4, step_ms=292.0, img_s=13.7, peak_gib=None),
+        dict(what="QAT step W1A8 + LRM", model="ldm4", batch=32, step_ms=600.0, img_s=53.3, peak_gib=32.9),
+        dict(what="FP train step", model="ldm4", batch=32, step_ms=254.0, img_s=126.0, peak_gib=None),
+    ],
+    "goal": "bdm-jax QAT throughput >= 8x the official QAT at batch 32 on the same card (>= 426 img/s)",
+    "goal_factor": 8.0,
+}
+
+# Datasheet dense bf16 tensor-core peaks (TFLOP/s), only to put the measured matmul peak in context.
+SPEC_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "H200": 989.4,
+                    "A100-SXM4-80GB": 312.0, "A100-SXM4-40GB": 312.0}
+
+
+class BenchError(ValueError):
+    """A benchmark argument that is not allowed (one line naming it)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+
+def shrink_for_quick(cfg: Any) -> None:
+    """Tiny model of the same family (keeps the config's numerics, schedule, attention and quantization).
+
+    One resolution level: XLA's CPU compile time, not the math, is what a smoke run waits for.
+    """
+    m = cfg.model
+    m.image_size = 8
+    m.model_channels = 32
+    m.channel_mult = (1,)
+    m.num_res_blocks = 1
+    m.attention_resolutions = (8,)
+    if m.num_head_channels > 0:
+        m.num_head_channels = 32
+
+
+def model_config(model: str, method: str, act_bits: int, dtype: str, batch: int, quick: bool = False) -> Any:
+    """The validated config of a benchmark row: the paper config of `model` with method, bits, dtype, batch.
+
+    ldm4 is the LDM-4 Bedrooms UNet on latents: `autoencoder.kind=none`, the benchmark feeds random
+    64x64x3 latents to the step directly (no data pipeline, no VQ encode/decode).
+    """
+    from bdm_jax.config import validate
+    from configs import ddpm_cifar10, ldm4_bedrooms
+
+    if model not in MODELS:
+        raise BenchError(f"--model={model!r} is not allowed: one of {', '.join(MODELS)}")
+    if method not in METHODS:
+        raise BenchError(f"--method={method!r} is not allowed: one of {', '.join(METHODS)}")
+    if dtype not in DTYPES:
+        raise BenchError(f"--dtype={dtype!r} is not allowed: one of {', '.join(DTYPES)}")
+    if batch < 1:
+        raise BenchError(f"--batch={batch} is not allowed: must be >= 1")
+    if model == "cifar10":
+        cfg = ddpm_cifar10.get_config("fp" if method == "fp" else f"{method}_w1a{act_bits}")
+    else:
+        cfg = ldm4_bedrooms.get_config()
+        cfg.method, cfg.quant.act_bits = method, act_bits
+        cfg.autoencoder.kind = "none"
+    if method == "fp":
+        cfg.quant.act_bits = 32
+    cfg.model.dtype = DTYPES[dtype]
+    cfg.train.batch_size = batch
+    if quick:
+        shrink_for_quick(cfg)
+    return validate(cfg)
+
+
+def forward_flops_per_sample(model_cfg: Any) -> float:
+    """Model FLOPs of one UNet forward of one sample: 2 x (conv/dense MACs + attention-matmul MACs)."""
+    from bdm_jax.efficiency import layer_shapes
+
+    return 2.0 * sum(li.macs for li in layer_shapes(model_cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# Device, XLA analyses, timing
+# --------------------------------------------------------------------------------------------------
+
+
+def device_info() -> dict:
+    import jax
+    import jaxlib
+
+    dev = jax.devices()[0]
+    stats = _memory_stats()
+    return dict(
+        platform=dev.platform, device_kind=str(dev.device_kind), device_count=jax.device_count(),
+        jax=jax.__version__, jaxlib=jaxlib.__version__, python=platform.python_version(), host=socket.gethostname(),
+        bytes_limit=stats.get("bytes_limit"),
+    )
+
+
+def _memory_stats() -> dict:
+    import jax
+
+    try:
+        return dict(jax.devices()[0].memory_stats() or {})
+    except Exception:  # some backends raise instead of returning None
+        return {}
+
+
+def memory_now() -> dict:
+    """bytes_in_use / peak_bytes_in_use / bytes_limit of device 0 (None where the backend has no counters)."""
+    s = _memory_stats()
+    return {k: (int(s[k]) if k in s else None) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
+
+
+def cost_flops(analysis: Any) -> float | None:
+    """'flops' of a cost analysis: a dict (new JAX) or a list of per-module dicts (older JAX)."""
+    if analysis is None:
+        return None
+    if isinstance(analysis, (list, tuple)):
+        vals = [cost_flops(a) for a in analysis]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) if vals else None
+    v = analysis.get("flops") if hasattr(analysis, "get") else None
+    return float(v) if v is not None and v >= 0 else None
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    try:
+        return cost_flops(compiled.cost_analysis())
+    except Exception:
+        return None
+
+
+def lowered_flops(lowered: Any) -> float | None:
+    """FLOPs of the unoptimized HLO (backend independent; no custom calls hide convs here)."""
+    try:
+        return cost_flops(lowered.cost_analysis())
+    except Exception:
+        return None
+
+
+def pick_flops(compiled: float | None, hlo: float | None) -> tuple[float | None, str]:
+    """XLA's FLOPs of a step: the compiled executable's count, unless it lacks most of the unoptimized HLO's
+    (a backend whose cost analysis does not see into library calls such as cuDNN convolutions)."""
+    if compiled and (not hlo or compiled >= 0.5 * hlo):
+        return compiled, "compiled"
+    if hlo:
+        return hlo, "hlo (compiled cost analysis gave %s)" % (None if compiled is None else f"{compiled:.3g}")
+    return None, "unavailable"
+
+
+def compiled_memory(compiled: Any) -> dict:
+    """XLA's memory analysis of an executable (argument/output/temp/alias bytes), {} where unavailable."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:
+        return {}
+    if ma is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+            "generated_code_size_in_bytes")
+    return {k: int(getattr(ma, k)) for k in keys if hasattr(ma, k)}
+
+
+def summarize(times: list[float]) -> dict:
+    """Median / min / mean / p90 seconds of timed calls."""
+    if not times:
+        return dict(n=0)
+    s = sorted(times)
+    return dict(n=len(s), median_s=statistics.median(s), min_s=s[0], mean_s=statistics.fmean(s),
+                p90_s=s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)])
+
+
+def time_calls(call: Callable[[], Any], *, min_n: int, max_n: int, max_s: float) -> list[float]:
+    """Seconds of each blocking `call()` (it must block itself): at least min_n, at most max_n or ~max_s."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_n and (len(times) < min_n or time.perf_counter() - start < max_s):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
+
+
+def short_error(exc: BaseException) -> str:
+    """One line: exception type and the first informative line of its message."""
+    msg = str(exc).strip().splitlines()
+    first = next((ln for ln in msg if ln.strip()), "")
+    return f"{type(exc).__name__}: {first[:500]}"
+
+
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def error_fields(exc: BaseException) -> dict:
+    return dict(status="oom" if is_oom(exc) else "error", error=short_error(exc),
+                traceback=traceback.format_exc(limit=8)[-4000:])
+
+
+def write_json(path: str, obj: Any) -> str:
+    """Atomic write (tmp + rename), so a killed run never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+# --------------------------------------------------------------------------------------------------
+# Random weights of the right shapes (values do not change speed or memory)
+# --------------------------------------------------------------------------------------------------
+
+
+def random_variables(model: Any, model_cfg: Any, seed: int = 0) -> dict:
+    """{'params': ..., 'masks': ...} of `model` filled on the device by one small jitted RNG program.
+
+    Floats ~ 0.05 * N(0, 1) (scales and LSQ steps 0.05), unsigned words (packed sign bits) random bits,
+    masks 1 (fully binarized). Much cheaper than compiling `model.init` (a whole forward) on a big UNet.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    s, c = model_cfg.image_size, model_cfg.in_channels
+    y = jnp.zeros((1,), jnp.int32) if model_cfg.num_classes else None
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, c)), jnp.zeros((1,), jnp.int32), y)
+    shapes = {k: v for k, v in shapes.items() if k in ("params", "masks")}
+
+    def fill(key):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+        kind = []
+        for path, leaf in leaves:
+            if getattr(path[0], "key", "") == "masks":
+                kind.append("one")
+            elif jnp.issubdtype(leaf.dtype, jnp.unsignedinteger):
+                kind.append("bits")
+            elif getattr(path[-1], "key", "") in ("scales", "act_step"):
+                kind.append("const")
+            else:
+                kind.append("normal")
+        # One RNG draw per kind, sliced per leaf: an RNG per leaf makes a huge HLO that compiles slowly.
+        size = lambda want: sum(leaf.size for (_, leaf), k in zip(leaves, kind) if k == want)  # noqa: E731
+        k_n, k_b = jax.random.split(key)
+        pools = {"normal": 0.05 * jax.random.normal(k_n, (size("normal"),), jnp.float32),
+                 "bits": jax.random.bits(k_b, (size("bits"),), jnp.uint32)}
+        offset = {"normal": 0, "bits": 0}
+        out = []
+        for (_, leaf), k in zip(leaves, kind):
+            if k in pools:
+                flat = pools[k][offset[k]:offset[k] + leaf.size]
+                offset[k] += leaf.size
+                out.append(flat.reshape(leaf.shape).astype(leaf.dtype))
+            else:
+                out.append(jnp.full(leaf.shape, 1.0 if k == "one" else 0.05, leaf.dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    out = jax.jit(fill)(jax.random.key(seed))
+    out.setdefault("masks", {})
+    return jax.block_until_ready(out)

@@ -1,0 +1,201 @@
+"""Time one train step of bdm-jax — FP or BinaryDM QAT — as trainer.train builds it (issue 9, items 1, 2, 4).
+
+    python -m benchmarks.train_step --out=benchmarks/results/h100 --model=ldm4 --method=binarydm --act_bits=8 --batch=32
+    python -m benchmarks.train_step --out=/tmp/bench --model=cifar10 --method=fp --batch=128 --quick
+
+One row per process (device peak-memory counters cannot be reset, so each row gets its own process).
+The step is the library's: `Setup.from_config`, `make_optimizer`, `make_init_fn` (QAT: the student from a
+random FP teacher (`common.random_variables`), LSQ calibration and LRM bases, as at the start of QAT), `make_mask_fn`,
+`make_train_step` under `jax.jit(..., donate_argnums=0)`. The batch is fixed random data of the model's
+input shape (CIFAR: 32x32x3 images in [-1, 1]; LDM-4: 64x64x3 latents ~N(0, 1)); the step draws its own
+t and noise. Values do not change the speed.
+
+Measured: trace+lower and compile seconds (AOT, `.lower().compile()`), XLA's FLOPs of the compiled step
+(`cost_analysis`; the unoptimized HLO's count where the compiled one misses most of it, e.g. convolutions
+as library calls — `flops_source` says which), model FLOPs (2 x MACs of the UNet forward x batch x passes:
+FP 3 = forward + backward, QAT 4 = teacher forward + student forward + backward), the seconds of each
+step after warm-up (blocking on the step's outputs) -> median, and of a pipelined run (no blocking
+between steps), and the device memory counters (peak is the process peak: init + steps). A row that
+fails (OOM, compile error) writes its JSON with status "oom"/"error" and the reason.
+Writes <out>/train/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from typing import Any
+
+from benchmarks import common
+
+
+def row_name(model: str, method: str, act_bits: int, dtype: str, batch: int | str) -> str:
+    variant = "fp" if method == "fp" else f"{method}_w1a{act_bits}"
+    return f"train-{model}-{variant}-{dtype}-b{batch}"
+
+
+def _init_state(setup: Any, tx: Any, x0: Any, calib: int) -> tuple[Any, dict]:
+    """The step-0 TrainState as trainer.train makes it (jit(init)); QAT teacher = random FP params."""
+    import jax
+
+    from bdm_jax.trainer import make_init_fn
+
+    times = {}
+    teacher: Any = {}
+    if setup.quant:
+        t0 = time.perf_counter()
+        teacher = common.random_variables(setup.fp_model, setup.cfg.model, seed=1)["params"]
+        times["teacher_init_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rng_data = jax.random.key_data(jax.random.key(0))
+    state = jax.jit(make_init_fn(setup, tx))(rng_data, teacher, {"image": x0[:calib]})
+    jax.block_until_ready(state)
+    times["init_s"] = time.perf_counter() - t0
+    return state, times
+
+
+def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: int, quick: bool) -> dict:
+    """Compile and time the train step of validated `cfg` at cfg.train.batch_size; returns the metrics."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from bdm_jax.train_state import make_optimizer
+    from bdm_jax.trainer import Setup, make_mask_fn, make_train_step
+
+    m, b = cfg.model, cfg.train.batch_size
+    out: dict = {}
+    setup = Setup.from_config(cfg)
+    tx = make_optimizer(cfg.train)
+    shape = (b, m.image_size, m.image_size, m.in_channels)
+    key = jax.random.key(123)
+    x0 = (jax.random.normal(key, shape, jnp.float32) if latents
+          else jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0))
+    batch = {"image": x0}
+    state, times = _init_state(setup, tx, x0, min(calib, b))
+    out.update(times)
+    out["params"] = int(sum(v.size for v in traverse_util.flatten_dict(dict(state.params)).values()))
+    out["state_bytes"] = int(sum(v.nbytes for v in jax.tree.leaves(state)))
+    out["memory_after_init"] = common.memory_now()
+
+    step = jax.jit(make_train_step(setup, tx, make_mask_fn(setup, state.masks)), donate_argnums=0)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    out["lower_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    out["compile_s"] = time.perf_counter() - t0
+    out["flops_compiled"] = common.compiled_flops(compiled)
+    out["flops_hlo"] = common.lowered_flops(lowered)
+    out["flops_xla"], out["flops_source"] = common.pick_flops(out["flops_compiled"], out["flops_hlo"])
+    out["xla_memory"] = common.compiled_memory(compiled)
+    passes = 3 + (1 if setup.quant and cfg.quant.lrm != "none" else 0)
+    out["model_passes"] = passes
+    out["flops_model"] = common.forward_flops_per_sample(m) * b * passes
+
+    holder = {"state": state}
+    del state
+
+    def one_step() -> Any:
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics
+
+    for _ in range(2):  # warm-up: first executions (allocator growth, autotuning caches)
+        metrics = one_step()
+        metrics["loss"].block_until_ready()
+    out["loss_after_warmup"] = float(metrics["loss"])
+    # One executable: when its loss is ready the whole step (new state included) is done.
+    times_s = common.time_calls(lambda: one_step()["loss"].block_until_ready(),
+                                min_n=3 if not quick else 2, max_n=steps, max_s=max_time_s)
+    out["timing"] = common.summarize(times_s)
+    out["times_s"] = times_s
+    n_pipe = max(2, min(steps, len(times_s), int(5.0 / max(out["timing"]["median_s"], 1e-6)) + 1))  # <= ~5 s
+    t0 = time.perf_counter()
+    for _ in range(n_pipe):
+        metrics = one_step()
+    metrics["loss"].block_until_ready()
+    out["pipelined_step_s"] = (time.perf_counter() - t0) / n_pipe
+    out["pipelined_steps"] = n_pipe
+    out["loss_final"] = float(metrics["loss"])
+    out["memory"] = common.memory_now()
+
+    med = out["timing"]["median_s"]
+    out["step_ms"] = 1e3 * med
+    out["img_per_s"] = b / med
+    out["img_per_s_pipelined"] = b / out["pipelined_step_s"]
+    out["tflops_xla"] = out["flops_xla"] / med / 1e12 if out["flops_xla"] else None
+    out["tflops_model"] = out["flops_model"] / med / 1e12
+    return out
+
+
+def run_row(*, out: str, model: str, method: str, act_bits: int, dtype: str, batch: int, quick: bool,
+            steps: int = 20, max_time_s: float = 10.0, calib: int = 8, name: str = "", shrink_on_oom: int = 0,
+            note: str = "") -> dict:
+    """Measure one row and write <out>/train/<name>.json; never raises for a failing row."""
+    import jax
+
+    name = name or row_name(model, method, act_bits, dtype, batch)
+    rec: dict = dict(kind="train", name=name, model=model, method=method, act_bits=32 if method == "fp" else act_bits,
+                     dtype=dtype, requested_batch=batch, quick=quick, note=note, attempts=[])
+    path = f"{out}/train/{name}.json"
+    try:
+        rec["device"] = common.device_info()
+        rec["matmul_precision"] = str(getattr(jax.config, "jax_default_matmul_precision", None))
+        b = batch
+        for attempt in range(shrink_on_oom + 1):
+            common.log(f"{name}: batch {b}{' (quick: tiny model)' if quick else ''} ...")
+            rec["batch"] = b
+            try:
+                cfg = common.model_config(model, method, act_bits, dtype, b, quick)
+                rec["config"] = dict(model=cfg.model.to_dict(), quant=cfg.quant.to_dict(), method=cfg.method)
+                rec.update(measure(cfg, latents=model == "ldm4", steps=steps, max_time_s=max_time_s, calib=calib,
+                                   quick=quick))
+                rec["status"] = "ok"
+                break
+            except Exception as e:
+                rec["attempts"].append(dict(batch=b, error=common.short_error(e), oom=common.is_oom(e)))
+                nb = (b * 3 // 4) // 8 * 8
+                if not common.is_oom(e) or attempt == shrink_on_oom or nb < 1:
+                    raise
+                common.log(f"{name}: OOM at batch {b}; retrying at {nb}")
+                b = nb
+                jax.clear_caches()
+                gc.collect()
+    except Exception as e:
+        rec.update(common.error_fields(e))
+        common.log(f"{name}: {rec['status'].upper()} {rec['error']}")
+    if rec.get("status") == "ok":
+        common.log(f"{name}: {rec['step_ms']:.1f} ms/step (median of {rec['timing']['n']}), "
+                   f"{rec['img_per_s']:.1f} img/s, "
+                   f"compile {rec['compile_s']:.1f} s, XLA {rec['tflops_xla'] or 0:.4g} TFLOP/s, "
+                   f"peak {common.mib(rec['memory']['peak_bytes_in_use'])}")
+    common.write_json(path, rec)
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="results directory (writes train/<name>.json)")
+    p.add_argument("--model", required=True, choices=common.MODELS)
+    p.add_argument("--method", default="binarydm", choices=common.METHODS)
+    p.add_argument("--act_bits", type=int, default=32, choices=(4, 8, 32))
+    p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--quick", action="store_true", help="tiny model of the same family (CPU smoke run)")
+    p.add_argument("--steps", type=int, default=20, help="at most this many timed steps")
+    p.add_argument("--max_time_s", type=float, default=10.0, help="stop timing after this long (>= 3 steps)")
+    p.add_argument("--calib", type=int, default=8, help="samples of the QAT init's calibration batch")
+    p.add_argument("--shrink_on_oom", type=int, default=0, help="retries at 3/4 of the batch after an OOM")
+    p.add_argument("--name", default="", help="row name (default from the arguments)")
+    p.add_argument("--note", default="", help="free text stored with the row (e.g. how the batch was chosen)")
+    a = p.parse_args(argv)
+    rec = run_row(out=a.out, model=a.model, method=a.method, act_bits=a.act_bits, dtype=a.dtype, batch=a.batch,
+                  quick=a.quick, steps=a.steps, max_time_s=a.max_time_s, calib=a.calib, name=a.name,
+                  shrink_on_oom=a.shrink_on_oom, note=a.note)
+    return 0 if rec.get("status") == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

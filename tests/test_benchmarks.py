@@ -1,0 +1,183 @@
+"""The issue-9 benchmark scripts on CPU: driver, rows, failure handling, markdown.
+
+~65 s on a busy 2-core machine, most of it in one fixture that runs the driver (two rows, two processes).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import common, report, run_all, sampling, train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QAT_ROW = train_step.row_name("ldm4", "binarydm", 8, "f32", 32)  # f32: compiles faster on CPU
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One quick driver run: the LDM-4 QAT row (W1A8 + LRM, the official setting) and CIFAR-10 sampling in FP,
+    fake-quant and packed W1A4, each row in its own process, as on the GPU (peak.py: the failure test)."""
+    out = str(tmp_path_factory.mktemp("bench"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", f"--out={out}", "--quick", "--budget_s=400",
+                           f"--rows={QAT_ROW},sample-cifar10-b1", "--sample_act_bits=4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_driver_runs_rows_and_writes_summary(results):
+    out, stdout = results
+    summary = _load(f"{out}/summary.json")
+    assert [r["name"] for r in summary["rows"]] == [QAT_ROW, "sample-cifar10-b1"]
+    assert all(r["status"] == "ok" for r in summary["rows"]), summary["rows"]
+    assert f"{QAT_ROW}: ok" in stdout  # progress lines reach the console
+    assert os.path.exists(f"{out}/logs/{QAT_ROW}.log")
+
+
+def test_train_row_measures_the_qat_step(results):
+    out, _ = results
+    r = _load(f"{out}/train/{QAT_ROW}.json")
+    assert r["status"] == "ok" and r["quick"] and r["method"] == "binarydm" and r["act_bits"] == 8
+    assert r["batch"] == 4 and r["model_passes"] == 4  # quick caps the batch; QAT + LRM = 4 UNet passes
+    assert r["compile_s"] > 0 and r["timing"]["n"] >= 2
+    assert r["step_ms"] == pytest.approx(1e3 * r["timing"]["median_s"])
+    assert r["img_per_s"] == pytest.approx(r["batch"] / r["timing"]["median_s"])
+    # XLA's count of the whole step and the model-FLOPs formula (4 UNet passes) agree roughly.
+    assert r["flops_source"] == "compiled"
+    assert 0.9 < r["flops_xla"] / r["flops_model"] < 1.25  # 3 or 5 passes would be out of range
+    assert r["tflops_xla"] == pytest.approx(r["flops_xla"] / r["timing"]["median_s"] / 1e12)
+    assert r["xla_memory"]["temp_size_in_bytes"] > 0 and r["state_bytes"] > 0
+    assert all(v == v and v < 1e6 for v in (r["loss_after_warmup"], r["loss_final"]))  # finite
+
+
+def test_sampling_rows_cover_fp_fakequant_packed(results):
+    out, _ = results
+    by_mode = {m: _load(f"{out}/sample/{sampling.row_name('cifar10', m, 32 if m == 'fp' else 4, 'bf16', 1)}.json")
+               for m in sampling.MODES}
+    for r in by_mode.values():
+        assert r["status"] == "ok", r.get("error")
+        assert r["extrapolated"] and r["steps"] == 100 and r["steps_measured"] == 2 and r["batch"] == 1
+        assert r["sample_s"] == pytest.approx(100 * r["timing"]["median_s"] / 2)
+        assert r["img_per_s"] == pytest.approx(1 / r["sample_s"])
+    # The packed model really holds 1-bit words: far fewer weight bytes than the latent-float student.
+    assert by_mode["packed"]["weight_bytes"] < 0.5 * by_mode["fakequant"]["weight_bytes"]
+    assert by_mode["fakequant"]["act_bits"] == 4 and by_mode["fp"]["act_bits"] == 32
+
+
+def test_markdown_from_the_run(results):
+    out, _ = results
+    md = open(f"{out}/BENCHMARKS.md").read()
+    assert "Smoke run" in md and "Device: **cpu**" in md
+    assert QAT_ROW in md and "sample-cifar10-packed_w1a4-bf16-b1" in md
+    assert "NVIDIA H200" in md and "official" in md  # the PyTorch reference is named with its card
+    assert "100 (from 2, extrapolated)" in md
+
+
+def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A crashing process, a hanging one and one over budget: recorded; the rows after them still run."""
+    monkeypatch.setattr(run_all, "MIN_CAP_S", 1.0)  # a row is killed after max(4 x estimate, 1 s)
+    rows = [
+        run_all.Row("crash", "peak", ["--sizes", "abc"], 1, ["crash.json"], quick_est_s=10),
+        run_all.Row("hang", "peak", ["--sizes", "64"], 1, ["hang.json"], quick_est_s=0.1),  # JAX import > 1 s
+        run_all.Row("huge", "peak", [], 1, ["huge.json"], quick_est_s=1e6),
+        run_all.Row("peak", "peak", ["--sizes", "64"], 1, ["peak.json"], quick_est_s=60),
+    ]
+    summary = run_all.run(str(tmp_path), quick=True, budget_s=200, rows=rows)
+    status = {r["name"]: r["status"] for r in summary["rows"]}
+    assert status == {"crash": "crashed", "hang": "timeout", "huge": "skipped", "peak": "ok"}
+    crash = _load(f"{tmp_path}/crash.json")
+    assert crash["status"] == "crashed" and "exited 1" in crash["error"] and "invalid literal" in crash["log_tail"]
+    assert "killed after 1 s" in _load(f"{tmp_path}/hang.json")["error"]
+    peak = _load(f"{tmp_path}/peak.json")
+    assert peak["status"] == "ok" and peak["peak_bf16_tflops"] > 0 and peak["device"]["platform"] == "cpu"
+    assert [r["size"] for r in peak["results"]] == [64, 64]  # bf16 and float32
+    md = open(f"{tmp_path}/BENCHMARKS.md").read()
+    assert "- crash: crashed" in md and "- huge: skipped" in md
+
+
+def test_row_error_is_written_not_raised(tmp_path):
+    rec = train_step.run_row(out=str(tmp_path), model="cifar10", method="fp", act_bits=32, dtype="bf16", batch=0,
+                             quick=True)
+    assert rec["status"] == "error" and "--batch=0" in rec["error"]
+    assert _load(f"{tmp_path}/train/{rec['name']}.json")["status"] == "error"
+
+
+@pytest.mark.parametrize("model", common.MODELS)
+@pytest.mark.parametrize("method,bits", [("fp", 32), ("binarydm", 32), ("binarydm", 8), ("binarydm", 4)])
+def test_benchmark_configs(model, method, bits):
+    cfg = common.model_config(model, method, bits, "bf16", 32)
+    assert cfg.method == method and cfg.quant.act_bits == bits and cfg.model.dtype == "bfloat16"
+    assert cfg.train.batch_size == 32 and cfg.autoencoder.kind == "none"
+    size, width = {"cifar10": (32, 128), "ldm4": (64, 224)}[model]  # the paper models, not tiny ones
+    assert (cfg.model.image_size, cfg.model.model_channels, cfg.model.in_channels) == (size, width, 3)
+    assert common.model_config(model, method, bits, "f32", 2, quick=True).model.model_channels == 32
+
+
+def test_max_batch_from_measured_peak(tmp_path):
+    gib = 2**30
+    common.write_json(f"{tmp_path}/train/src.json", dict(
+        status="ok", batch=32, memory=dict(peak_bytes_in_use=20 * gib, bytes_limit=80 * gib),
+        memory_after_init=dict(bytes_in_use=5 * gib)))
+    b, note = run_all.max_batch_from(str(tmp_path), ["missing", "src"], 64, quick=False)("row")
+    assert b == 136 and "src" in note  # (72 - 5) GiB / (15/32 GiB per sample) = 142.9 -> multiple of 8
+    b, note = run_all.max_batch_from(str(tmp_path), ["missing"], 64, quick=False)("row")
+    assert b == 64 and "fallback" in note
+
+
+def test_plan_orders_headline_first_and_selects_by_pattern(tmp_path):
+    rows = run_all.plan(str(tmp_path), quick=False, f32=True)
+    names = [r.name for r in rows]
+    assert names[:3] == ["peak", "train-ldm4-binarydm_w1a8-bf16-b32", "train-ldm4-fp-bf16-b32"]
+    assert train_step.row_name("ldm4", "binarydm", 8, "bf16", 4) in names
+    assert {"sample-cifar10-b1", "sample-cifar10-b256", "sample-ldm4-b1", "sample-ldm4-b256"} <= set(names)
+    assert names[-1] == QAT_ROW
+    assert len(set(names)) == len(names)
+    picked = [r.name for r in run_all.select(rows, ["sample-ldm4-*", "peak"])]
+    assert picked == ["sample-ldm4-b1", "sample-ldm4-b256", "peak"]
+    assert "train-cifar10-fp-f32-b128" not in [r.name for r in run_all.plan(str(tmp_path), quick=False, f32=False)]
+
+
+def test_report_ratios_mfu_and_official_comparison(tmp_path):
+    gib = 2**30
+    dev = dict(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", device_count=1, jax="x", python="3.12")
+    common.write_json(f"{tmp_path}/peak.json", dict(kind="peak", device=dev, peak_bf16_tflops=500.0,
+                                                    spec_bf16_tflops=989.4, status="ok"))
+    base = dict(kind="train", model="ldm4", dtype="bf16", batch=32, status="ok", compile_s=60.0, device=dev,
+                flops_source="compiled", memory=dict(peak_bytes_in_use=10 * gib))
+    common.write_json(f"{tmp_path}/train/fp.json", dict(base, name="fp-row", method="fp", act_bits=32, step_ms=50.0,
+                                                        img_per_s=640.0, tflops_xla=250.0, tflops_model=200.0))
+    common.write_json(f"{tmp_path}/train/qat.json", dict(base, name="qat-row", method="binarydm", act_bits=8,
+                                                         step_ms=100.0, img_per_s=320.0, tflops_xla=100.0,
+                                                         tflops_model=90.0, compile_s=72.0,
+                                                         memory=dict(peak_bytes_in_use=15 * gib)))
+    common.write_json(f"{tmp_path}/train/oom.json", dict(kind="train", name="oom-row", model="ldm4", method="fp",
+                                                         dtype="bf16", requested_batch=512, status="oom",
+                                                         error="XlaRuntimeError: RESOURCE_EXHAUSTED"))
+    bmax = next(r for r in run_all.plan(str(tmp_path), quick=False, f32=False) if r.name == "train-ldm4-fp-bf16-bmax")
+    run_all._stub(f"{tmp_path}/{bmax.outputs[0]}", bmax, "skipped", "skipped: budget")  # what the driver writes
+    md = report.build_markdown(str(tmp_path))
+    assert "| train-ldm4-fp-bf16-bmax | ldm4 | FP | bf16 | max |" in md and "**skipped** (skipped: budget)" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "500.0 TFLOP/s" in md
+    fp_line = next(ln for ln in md.splitlines() if ln.startswith("| fp-row"))
+    assert "| 50.0% |" in fp_line and "| 40.0% |" in fp_line and "| 10.00 |" in fp_line  # MFU, model MFU, GiB
+    assert "| 2.00x | 1.50x | 1.20x |" in md  # QAT/FP: time, peak memory, compile time
+    assert "6.0x" in md and "**not met**" in md  # 320 img/s vs the official 53.3 img/s at batch 32
+    assert "a different card" in md
+    assert "**oom** (XlaRuntimeError: RESOURCE_EXHAUSTED)" in md
+
+
+def test_cost_flops_across_jax_versions():
+    assert common.cost_flops({"flops": 10.0, "bytes accessed": 3.0}) == 10.0
+    assert common.cost_flops([{"flops": 10.0}, {"flops": 5.0}]) == 15.0  # older JAX: one dict per module
+    assert common.cost_flops(None) is None and common.cost_flops([{}]) is None
+    assert common.pick_flops(100.0, 120.0) == (100.0, "compiled")
+    assert common.pick_flops(10.0, 120.0)[0] == 120.0  # compiled count misses the convolutions
