@@ -41,3 +41,11 @@ def test_cifar10_config_trains_two_steps_on_mock_tfds(tmp_path):
     assert os.path.exists(result["grid"])
     params, step = ckpt_lib.load_params(str(tmp_path), validate(cfg))
     assert step == 2 and params["conv_in"]["kernel"].shape == (3, 3, 3, 128)
+
+
+def test_ldm4_ffhq_is_the_bedrooms_model_on_a_folder():
+    from configs import ldm4_bedrooms, ldm4_ffhq
+
+    a, b = validate(ldm4_ffhq.get_config()), validate(ldm4_bedrooms.get_config())
+    assert a.data.name == "folder" and a.data.data_dir
+    assert a.model.to_dict() == b.model.to_dict() and a.autoencoder.to_dict() == b.autoencoder.to_dict()
