@@ -24,7 +24,8 @@ PRESETS = {
 
 # Fields added after the first checkpoints were written; a config saved without them gets these values,
 # which are the behaviour of the code that wrote it.
-ADDED_MODEL_FIELDS = dict(flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, downsample_padding=1)
+ADDED_MODEL_FIELDS = dict(flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, downsample_padding=1,
+                          attention_impl="auto")
 AUTOENCODER_KINDS = ("none", "vq", "kl")
 # Reliability fields (issue 10), filled in configs saved before them.
 ADDED_FIELDS = {"resume": "latest", "train.nan_policy": "stop"}
@@ -183,6 +184,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("model.freq_shift", m.freq_shift, f"must be < model_channels // 2 = {m.model_channels // 2}")
     _check_float(cfg, "model.norm_eps", 0.0, 1.0, lo_open=True)
     _check_choice(cfg, "model.downsample_padding", (0, 1))
+    _check_choice(cfg, "model.attention_impl", ("auto", "explicit", "xla", "cudnn"))
 
     _validate_autoencoder(cfg)
 

@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bdm_jax.layers import QAct, QConv, QDense, QuantPlan
+from bdm_jax.attention import multihead_attention
+from bdm_jax.layers import QConv, QDense, QuantPlan
 
 Dtype = Any
 
@@ -100,6 +101,7 @@ class AttentionBlock(nn.Module):
     dtype: Dtype
     plan: QuantPlan | None
     eps: float = 1e-5
+    attention_impl: str = "auto"  # bdm_jax.attention.IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -110,13 +112,8 @@ class AttentionBlock(nn.Module):
         qkv = QDense(3 * c, dtype=self.dtype, plan=self.plan, name="qkv")(h)
         qkv = qkv.reshape(b, hgt * wid, heads, 3, ch)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        q = QAct(self.plan, name="q_quant")(q)
-        k = QAct(self.plan, name="k_quant")(k)
-        v = QAct(self.plan, name="v_quant")(v)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(ch)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        weights = QAct(self.plan, name="attn_quant")(weights)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hgt * wid, c)
+        out = multihead_attention(self, q, k, v, self.plan, self.dtype, self.attention_impl)
+        out = out.reshape(b, hgt * wid, c)
         out = QDense(c, zero_init=True, dtype=self.dtype, plan=self.plan, name="proj_out")(out)
         return x + out.reshape(b, hgt, wid, c).astype(x.dtype)
 
@@ -154,6 +151,7 @@ class Block(nn.Module):
     plan: QuantPlan | None = None
     eps: float = 1e-5
     downsample_padding: int = 1
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
@@ -162,7 +160,8 @@ class Block(nn.Module):
                 x, emb, train
             )
         if self.attn_heads:
-            x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, self.eps, name="attn")(x)
+            x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, self.eps, self.attention_impl,
+                               name="attn")(x)
         if self.resample == "down":
             x = Downsample(self.dtype, self.plan, self.downsample_padding, name="down")(x)
         elif self.resample == "up":
@@ -180,6 +179,7 @@ class MiddleBlock(nn.Module):
     dtype: Dtype
     plan: QuantPlan | None
     eps: float = 1e-5
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
@@ -187,7 +187,8 @@ class MiddleBlock(nn.Module):
             self.channels, self.dropout, self.groups, self.dtype, self.plan, self.eps, name=name
         )
         x = res("res_0")(x, emb, train)
-        x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, self.eps, name="attn")(x)
+        x = AttentionBlock(self.attn_heads, self.groups, self.dtype, self.plan, self.eps, self.attention_impl,
+                           name="attn")(x)
         return res("res_1")(x, emb, train)
 
 
@@ -267,6 +268,7 @@ class UNet(nn.Module):
     freq_shift: float = 0.0
     norm_eps: float = 1e-5
     downsample_padding: int = 1
+    attention_impl: str = "auto"  # bdm_jax.attention.IMPLS; the function computed is the same for all
 
     @classmethod
     def from_config(cls, model_cfg: Any, plan: QuantPlan | None = None) -> "UNet":
@@ -290,6 +292,7 @@ class UNet(nn.Module):
             freq_shift=model_cfg.get("freq_shift", 0),
             norm_eps=model_cfg.get("norm_eps", 1e-5),
             downsample_padding=model_cfg.get("downsample_padding", 1),
+            attention_impl=model_cfg.get("attention_impl", "auto"),
         )
 
     @nn.compact
@@ -308,7 +311,7 @@ class UNet(nn.Module):
         block = lambda spec, name: Block(  # noqa: E731
             out_channels=spec["out_channels"], attn_heads=spec["attn_heads"], resample=spec["resample"],
             dropout=self.dropout, groups=self.norm_groups, dtype=self.dtype, plan=self.plan, eps=self.norm_eps,
-            downsample_padding=self.downsample_padding, name=name,
+            downsample_padding=self.downsample_padding, attention_impl=self.attention_impl, name=name,
         )
         h = QConv(mc, dtype=self.dtype, plan=self.plan, name="conv_in")(x.astype(self.dtype))
         feats = {"input_blocks_0": h}
@@ -319,7 +322,7 @@ class UNet(nn.Module):
             hs.append(h)
 
         h = MiddleBlock(middle["channels"], middle["attn_heads"], self.dropout, self.norm_groups, self.dtype,
-                        self.plan, self.norm_eps, name="middle_block")(h, emb, train)
+                        self.plan, self.norm_eps, self.attention_impl, name="middle_block")(h, emb, train)
         feats["middle_block"] = h
 
         for i, spec in enumerate(outputs):

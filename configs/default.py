@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.freq_shift = 0  # time-embedding freqs exp(-ln(1e4) i / (half - freq_shift)), i < half
     c.model.norm_eps = 1e-5  # GroupNorm epsilon
     c.model.downsample_padding = 1  # 1: conv pad 1; 0: pad bottom/right by 1 then conv pad 0 (TF "SAME")
+    # Unquantized attention core (bdm_jax.attention): auto = cuDNN flash attention on GPU in bf16/fp16,
+    # else XLA; explicit = einsum/softmax/einsum. Same function; quantized attention is always explicit.
+    c.model.attention_impl = "auto"
 
     # Latent diffusion (SPEC §7, §11): a frozen FP first-stage autoencoder maps images to latents; only the
     # UNet is trained/binarized. The UNet then sees model.image_size = data.image_size / 2**(len(ch_mult)-1)
