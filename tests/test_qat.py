@@ -77,8 +77,11 @@ def test_init_student_scales_steps_and_projections(teacher):
             seen["/".join(context.module.path)] = float(jnp.mean(jnp.abs(args[0].astype(jnp.float32))))
         return next_fun(*args, **kwargs)
 
+    # The explicit attention core, so the FP forward passes q, k, v and the probabilities through the
+    # (identity) QAct layers too; the fused core computes the same function without them.
+    fp_explicit = setup.fp_model.clone(attention_impl="explicit")
     with nn.intercept_methods(record):
-        setup.fp_model.apply({"params": tparams}, x_t, t)
+        fp_explicit.apply({"params": tparams}, x_t, t)
     steps = {"/".join(k[:-1]): float(v) for k, v in flat_s.items() if k[-1] == "act_step"}
     assert steps and set(steps) <= set(seen)
     for path, step in steps.items():
