@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from bdm_jax.config import architecture_dict
+from bdm_jax.config import ADDED_MODEL_FIELDS, architecture_dict
 
 
 class CheckpointError(RuntimeError):
@@ -114,7 +114,8 @@ def check_architecture(saved: dict, config: ml_collections.ConfigDict, where: st
     want = architecture_dict(config)
     have = saved.get("model", {})
     for key, value in want.items():
-        old = have.get(key)
+        # A field the saved config predates has the value the code that wrote it used.
+        old = have.get(key, ADDED_MODEL_FIELDS.get(key))
         if isinstance(old, (list, tuple)):
             old = list(old)
         if old != value:

@@ -25,7 +25,9 @@ PRESETS = {
 # Fields added after the first checkpoints were written; a config saved without them gets these values,
 # which are the behaviour of the code that wrote it.
 ADDED_MODEL_FIELDS = dict(flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, downsample_padding=1,
-                          attention_impl="auto")
+                          attention_impl="auto", use_scale_shift_norm=False, resblock_updown=False,
+                          use_spatial_transformer=False, transformer_depth=1, context_dim=512, cond_stage="none")
+COND_STAGES = ("none", "class")
 AUTOENCODER_KINDS = ("none", "vq", "kl")
 # Reliability fields (issue 10), filled in configs saved before them.
 ADDED_FIELDS = {"resume": "latest", "train.nan_policy": "stop"}
@@ -185,6 +187,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_float(cfg, "model.norm_eps", 0.0, 1.0, lo_open=True)
     _check_choice(cfg, "model.downsample_padding", (0, 1))
     _check_choice(cfg, "model.attention_impl", ("auto", "explicit", "xla", "cudnn"))
+    _validate_ldm_variants(cfg)
 
     _validate_autoencoder(cfg)
 
@@ -251,6 +254,27 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_bool(cfg, "sample.clip_denoised")
     _check_int(cfg, "sample.seed", 0)
     return cfg
+
+
+def _validate_ldm_variants(cfg: ml_collections.ConfigDict) -> None:
+    """Scale-shift norm, resampling ResBlocks, SpatialTransformer and the class-embedder context (SPEC §11)."""
+    m = cfg.model
+    for f in ("use_scale_shift_norm", "resblock_updown", "use_spatial_transformer"):
+        _check_bool(cfg, f"model.{f}")
+    _check_int(cfg, "model.transformer_depth", 1)
+    _check_int(cfg, "model.context_dim", 1)
+    stage = _check_choice(cfg, "model.cond_stage", COND_STAGES)
+    if stage == "class":
+        if not m.use_spatial_transformer:
+            _fail("model.cond_stage", stage, "'class' feeds cross-attention: needs model.use_spatial_transformer=True")
+        if m.num_classes < 1:
+            _fail("model.num_classes", m.num_classes, "model.cond_stage='class' needs the class embedder's size (>= 1)")
+        if not 1 <= cfg.data.num_classes <= m.num_classes:
+            _fail("data.num_classes", cfg.data.num_classes,
+                  f"model.cond_stage='class' needs labelled data with 1 .. model.num_classes={m.num_classes} classes")
+    elif m.use_spatial_transformer:
+        _fail("model.use_spatial_transformer", True,
+              "the cross-attention needs a context: set model.cond_stage='class' (with model.num_classes)")
 
 
 def _validate_autoencoder(cfg: ml_collections.ConfigDict) -> None:
@@ -328,9 +352,15 @@ def _check_kinds(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict 
 def architecture_dict(config: ml_collections.ConfigDict) -> dict:
     """The fields that define the parameter shapes; two checkpoints are compatible iff these match."""
     m = config.model
-    return dict(
+    get = lambda f: m.get(f, ADDED_MODEL_FIELDS[f])  # noqa: E731 - configs saved before the field existed
+    arch = dict(
         in_channels=m.in_channels, out_channels=m.out_channels, image_size=m.image_size,
         model_channels=m.model_channels, channel_mult=list(m.channel_mult), num_res_blocks=m.num_res_blocks,
         attention_resolutions=list(m.attention_resolutions), num_classes=m.num_classes,
-        norm_groups=m.norm_groups,
+        norm_groups=m.norm_groups, use_scale_shift_norm=get("use_scale_shift_norm"),
+        resblock_updown=get("resblock_updown"), use_spatial_transformer=get("use_spatial_transformer"),
+        cond_stage=get("cond_stage"),
     )
+    if arch["use_spatial_transformer"]:  # only then do these shape anything
+        arch.update(transformer_depth=get("transformer_depth"), context_dim=get("context_dim"))
+    return arch

@@ -1,8 +1,8 @@
 """Pretrained PyTorch checkpoints -> bdm_jax params: the UNet and the LDM first stage (issue 7).
 
 Two source layouts:
-* diffusers: `UNet2DModel` (e.g. google/ddpm-cifar10-32), `VQModel`, `AutoencoderKL` state dicts, with the
-  model's config.json;
+* diffusers: `UNet2DModel` (e.g. google/ddpm-cifar10-32), `UNet2DConditionModel` (the spatial-transformer
+  UNet), `VQModel`, `AutoencoderKL` state dicts, with the model's config.json;
 * CompVis: the LDM repo's `model.ckpt` (openaimodel UNet under `model.diffusion_model.`, first stage under
   `first_stage_model.`, EMA copies under `model_ema.`), or a first-stage-only checkpoint.
 
@@ -18,6 +18,10 @@ that config.autoencoder.path names):
         --config=configs/ddpm_cifar10.py --out=workdirs/cifar10_teacher
     python -m bdm_jax.convert --kind=ldm --input=lsun_bedrooms/model.ckpt \\
         --config=configs/ldm4_bedrooms.py --out=workdirs/bedrooms_teacher
+
+Layouts that cannot be mapped (diffusers blocks without an openaimodel twin, e.g. a UNet2DModel whose
+scale-shift mid-block attention has no GroupNorm, linear proj_in, SimpleCrossAttn blocks, cross-attention
+with resampling ResBlocks) raise ConversionError naming the config.json field.
 """
 
 from __future__ import annotations
@@ -34,12 +38,15 @@ import numpy as np
 from flax import traverse_util
 
 from bdm_jax.autoencoder import Autoencoder
+from bdm_jax.config import ADDED_MODEL_FIELDS
 from bdm_jax.unet import UNet, _heads, block_specs
 
 StateDict = Mapping[str, np.ndarray]
 
 COMPVIS_UNET_PREFIX = "model.diffusion_model."
 COMPVIS_AE_PREFIX = "first_stage_model."
+# The ClassEmbedder of class-conditional LDMs (cin256-v2: nn.Embedding(1001, 512)); the UNet holds it here.
+COMPVIS_CLASS_EMBEDDER = "cond_stage_model.embedding.weight"
 # Tensors of a checkpoint that a converter may leave unused: the training losses (LPIPS, discriminator)
 # of first-stage checkpoints.
 _AE_IGNORED = ("loss.",)
@@ -219,14 +226,42 @@ def _level_blocks(model_cfg: Any):
     return ins, outs
 
 
-def unet_from_diffusers(sd: StateDict, model_cfg: Any) -> dict:
-    """diffusers `UNet2DModel` state dict -> params of `UNet.from_config(model_cfg)`.
+def _transformer(t: _Table, ours: str, src: str, depth: int) -> None:
+    """A SpatialTransformer; CompVis (`ldm.modules.attention`) and diffusers (`Transformer2DModel` with
+    use_linear_projection=False) name its tensors alike below `src`."""
+    t.norm(f"{ours}/norm/GroupNorm_0", f"{src}.norm")
+    t.conv(f"{ours}/proj_in", f"{src}.proj_in")
+    for d in range(depth):
+        ob, sb = f"{ours}/transformer_blocks_{d}", f"{src}.transformer_blocks.{d}"
+        for n in ("norm1", "norm2", "norm3"):
+            t.norm(f"{ob}/{n}", f"{sb}.{n}")
+        for a in ("attn1", "attn2"):
+            for n in "qkv":  # bias-free projections
+                t.put(f"{ob}/{a}/to_{n}/kernel", _dense(t.take(f"{sb}.{a}.to_{n}.weight")))
+            t.dense(f"{ob}/{a}/to_out", f"{sb}.{a}.to_out.0")
+        t.dense(f"{ob}/ff_proj", f"{sb}.ff.net.0.proj")  # GEGLU: [value | gate]
+        t.dense(f"{ob}/ff_out", f"{sb}.ff.net.2")
+    t.conv(f"{ours}/proj_out", f"{src}.proj_out")
 
+
+def _class_embedder(t: _Table) -> None:
+    """The CompVis ClassEmbedder (`cond_stage_model.embedding.weight`) of a cond_stage='class' config."""
+    t.put("class_embedder/embedding", t.take(COMPVIS_CLASS_EMBEDDER))
+
+
+def unet_from_diffusers(sd: StateDict, model_cfg: Any) -> dict:
+    """diffusers `UNet2DModel` or `UNet2DConditionModel` state dict -> params of `UNet.from_config(model_cfg)`.
+
+    UNet2DModel: (Attn)DownBlock2D / ResnetDownsampleBlock2D and their up blocks, resnet_time_scale_shift
+    default or scale_shift, conv or resnet resampling (model.resblock_updown). UNet2DConditionModel
+    (model.use_spatial_transformer): (CrossAttn)DownBlock2D / (CrossAttn)UpBlock2D with conv proj_in.
+    diffusers has no ClassEmbedder: for model.cond_stage='class' the state dict must also hold its table
+    under the CompVis name `cond_stage_model.embedding.weight`, else ConversionError names that key.
     The numerics options (heads, time embedding, eps, padding) are not in the state dict: check them with
     `check_unet_config(model_cfg, diffusers_unet_config(config_json))`.
     """
-    t = _Table(rename_deprecated_attention(sd), "diffusers UNet2DModel")
-    nrb = model_cfg.num_res_blocks
+    cls = "UNet2DConditionModel" if model_cfg.get("use_spatial_transformer", False) else "UNet2DModel"
+    t = _Table(rename_deprecated_attention(sd), f"diffusers {cls}")
 
     def res(ours: str, src: str) -> None:
         t.norm(f"{ours}/in_norm/GroupNorm_0", f"{src}.norm1")
@@ -237,7 +272,11 @@ def unet_from_diffusers(sd: StateDict, model_cfg: Any) -> dict:
         if t.has(f"{src}.conv_shortcut.weight"):
             t.conv(f"{ours}/skip", f"{src}.conv_shortcut")
 
-    def attn(ours: str, src: str, heads: int) -> None:
+    def attn(ours: str, src: str, spec: dict) -> None:
+        if spec["transformer_depth"]:
+            _transformer(t, ours, src, spec["transformer_depth"])
+            return
+        heads = spec["attn_heads"]
         t.norm(f"{ours}/norm/GroupNorm_0", f"{src}.group_norm")
         w = [t.take(f"{src}.to_{n}.weight") for n in "qkv"]
         b = [t.take(f"{src}.to_{n}.bias") for n in "qkv"]
@@ -245,31 +284,39 @@ def unet_from_diffusers(sd: StateDict, model_cfg: Any) -> dict:
         t.put(f"{ours}/qkv/bias", fuse_qkv(*b, heads))
         t.dense(f"{ours}/proj_out", f"{src}.to_out.0")
 
+    def resampler(ours: str, src: str, spec: dict) -> None:
+        # diffusers' downsamplers.0 / upsamplers.0: a ResnetBlock2D(down/up=True) or a conv module.
+        if spec["updown"]:
+            res(f"{ours}/{spec['resample']}", src)
+        else:
+            t.conv(f"{ours}/{spec['resample']}/conv", f"{src}.conv")
+
     t.dense("time_embed_0", "time_embedding.linear_1")
     t.dense("time_embed_1", "time_embedding.linear_2")
     t.conv("conv_in", "conv_in")
     ins, outs = _level_blocks(model_cfg)
     for idx, level, j, spec in ins:
         if spec["resample"] == "down":
-            t.conv(f"input_blocks_{idx}/down/conv", f"down_blocks.{level}.downsamplers.0.conv")
+            resampler(f"input_blocks_{idx}", f"down_blocks.{level}.downsamplers.0", spec)
             continue
         res(f"input_blocks_{idx}/res", f"down_blocks.{level}.resnets.{j}")
         if spec["attn_heads"]:
-            attn(f"input_blocks_{idx}/attn", f"down_blocks.{level}.attentions.{j}", spec["attn_heads"])
+            attn(f"input_blocks_{idx}/attn", f"down_blocks.{level}.attentions.{j}", spec)
     _, middle, _ = block_specs(model_cfg)
     res("middle_block/res_0", "mid_block.resnets.0")
-    attn("middle_block/attn", "mid_block.attentions.0", middle["attn_heads"])
+    attn("middle_block/attn", "mid_block.attentions.0", middle)
     res("middle_block/res_1", "mid_block.resnets.1")
     for k, u, j, spec in outs:
         res(f"output_blocks_{k}/res", f"up_blocks.{u}.resnets.{j}")
         if spec["attn_heads"]:
-            attn(f"output_blocks_{k}/attn", f"up_blocks.{u}.attentions.{j}", spec["attn_heads"])
+            attn(f"output_blocks_{k}/attn", f"up_blocks.{u}.attentions.{j}", spec)
         if spec["resample"] == "up":
-            assert j == nrb
-            t.conv(f"output_blocks_{k}/up/conv", f"up_blocks.{u}.upsamplers.0.conv")
+            resampler(f"output_blocks_{k}", f"up_blocks.{u}.upsamplers.0", spec)
     t.norm("out_norm/GroupNorm_0", "conv_norm_out")
     t.conv("conv_out", "conv_out")
-    if model_cfg.num_classes:
+    if model_cfg.get("cond_stage", "none") == "class":
+        _class_embedder(t)
+    elif model_cfg.num_classes:
         t.put("label_emb/embedding", t.take("class_embedding.weight"))
     return t.finish(abstract_unet_params(model_cfg))
 
@@ -294,6 +341,11 @@ def unet_from_compvis(sd: StateDict, model_cfg: Any, prefix: str | None = None,
                       attention_order: str = "legacy") -> dict:
     """LDM openaimodel `UNetModel` state dict (CompVis layout) -> params of `UNet.from_config(model_cfg)`.
 
+    Covers the openaimodel variants of the UNet module: scale-shift ResBlocks (emb_layers.1 gives 2C),
+    resampling ResBlocks (resblock_updown: input_blocks.N.0 and the last layer of an output block,
+    output_blocks.N.1 or .2, are ResBlocks), SpatialTransformers (input_blocks.N.1.{norm, proj_in,
+    transformer_blocks.D.{attn1, attn2, norm1-3, ff}, proj_out}) and, for model.cond_stage='class', the
+    ClassEmbedder `cond_stage_model.embedding.weight` found beside the UNet in a full LDM checkpoint.
     `prefix`: None finds it (`model.diffusion_model.` of a full LDM checkpoint, or none for a bare UNet).
     `attention_order`: "legacy" (QKVAttentionLegacy, the LDM default) or "new" (use_new_attention_order).
     """
@@ -301,9 +353,12 @@ def unet_from_compvis(sd: StateDict, model_cfg: Any, prefix: str | None = None,
         raise ConversionError(f"attention_order={attention_order!r} is not allowed: legacy or new")
     if prefix is None:
         prefix = COMPVIS_UNET_PREFIX if any(k.startswith(COMPVIS_UNET_PREFIX) for k in sd) else ""
-    t = _Table(_sub(sd, prefix), f"CompVis UNet ({prefix or 'no prefix'})")
-    if not t.sd:
+    sub = _sub(sd, prefix)
+    if not sub:
         raise ConversionError(f"the checkpoint has no tensors under {prefix!r}: not an LDM checkpoint")
+    if model_cfg.get("cond_stage", "none") == "class" and COMPVIS_CLASS_EMBEDDER in sd:
+        sub[COMPVIS_CLASS_EMBEDDER] = sd[COMPVIS_CLASS_EMBEDDER]  # the LDM's cond_stage_model, beside the UNet
+    t = _Table(sub, f"CompVis UNet ({prefix or 'no prefix'})")
 
     def res(ours: str, src: str) -> None:
         t.norm(f"{ours}/in_norm/GroupNorm_0", f"{src}.in_layers.0")
@@ -314,7 +369,11 @@ def unet_from_compvis(sd: StateDict, model_cfg: Any, prefix: str | None = None,
         if t.has(f"{src}.skip_connection.weight"):
             t.conv(f"{ours}/skip", f"{src}.skip_connection")
 
-    def attn(ours: str, src: str, heads: int) -> None:
+    def attn(ours: str, src: str, spec: dict) -> None:
+        if spec["transformer_depth"]:
+            _transformer(t, ours, src, spec["transformer_depth"])
+            return
+        heads = spec["attn_heads"]
         t.norm(f"{ours}/norm/GroupNorm_0", f"{src}.norm")
         w, b = t.take(f"{src}.qkv.weight"), t.take(f"{src}.qkv.bias")
         if attention_order == "new":
@@ -328,27 +387,35 @@ def unet_from_compvis(sd: StateDict, model_cfg: Any, prefix: str | None = None,
     t.conv("conv_in", "input_blocks.0.0")
     ins, outs = _level_blocks(model_cfg)
     for idx, _, _, spec in ins:
-        if spec["resample"] == "down":
-            t.conv(f"input_blocks_{idx}/down/conv", f"input_blocks.{idx}.0.op")
+        if spec["resample"] == "down":  # its own TimestepEmbedSequential: a ResBlock(down=True) or Downsample
+            if spec["updown"]:
+                res(f"input_blocks_{idx}/down", f"input_blocks.{idx}.0")
+            else:
+                t.conv(f"input_blocks_{idx}/down/conv", f"input_blocks.{idx}.0.op")
             continue
         res(f"input_blocks_{idx}/res", f"input_blocks.{idx}.0")
         if spec["attn_heads"]:
-            attn(f"input_blocks_{idx}/attn", f"input_blocks.{idx}.1", spec["attn_heads"])
+            attn(f"input_blocks_{idx}/attn", f"input_blocks.{idx}.1", spec)
     _, middle, _ = block_specs(model_cfg)
     res("middle_block/res_0", "middle_block.0")
-    attn("middle_block/attn", "middle_block.1", middle["attn_heads"])
+    attn("middle_block/attn", "middle_block.1", middle)
     res("middle_block/res_1", "middle_block.2")
     for k, _, _, spec in outs:
         res(f"output_blocks_{k}/res", f"output_blocks.{k}.0")
         sub = 1
         if spec["attn_heads"]:
-            attn(f"output_blocks_{k}/attn", f"output_blocks.{k}.1", spec["attn_heads"])
+            attn(f"output_blocks_{k}/attn", f"output_blocks.{k}.1", spec)
             sub = 2
-        if spec["resample"] == "up":
-            t.conv(f"output_blocks_{k}/up/conv", f"output_blocks.{k}.{sub}.conv")
+        if spec["resample"] == "up":  # the last layer of the output block: ResBlock(up=True) or Upsample
+            if spec["updown"]:
+                res(f"output_blocks_{k}/up", f"output_blocks.{k}.{sub}")
+            else:
+                t.conv(f"output_blocks_{k}/up/conv", f"output_blocks.{k}.{sub}.conv")
     t.norm("out_norm/GroupNorm_0", "out.0")
     t.conv("conv_out", "out.2")
-    if model_cfg.num_classes:
+    if model_cfg.get("cond_stage", "none") == "class":
+        _class_embedder(t)
+    elif model_cfg.num_classes:
         t.put("label_emb/embedding", t.take("label_emb.weight"))
     return t.finish(abstract_unet_params(model_cfg))
 
@@ -492,17 +559,127 @@ def _unsupported(what: str, field: str, value: Any, allowed: Any) -> None:
         raise ConversionError(f"{what} config.json has {field}={value!r}; bdm_jax supports only {allowed!r}")
 
 
+# UNet2DConditionModel's constructor defaults (the spatial-transformer UNet).
+_COND_UNET_DEFAULTS = dict(
+    sample_size=None, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280,
+    transformer_layers_per_block=1, reverse_transformer_layers_per_block=None, encoder_hid_dim=None,
+    attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False, use_linear_projection=False,
+    class_embed_type=None, addition_embed_type=None, num_class_embeds=None, resnet_time_scale_shift="default",
+    resnet_skip_time_act=False, resnet_out_scale_factor=1.0, time_embedding_type="positional", time_embedding_dim=None,
+    time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
+    attention_type="default", mid_block_only_cross_attention=None, cross_attention_norm=None,
+)
+# Block type -> (has attention, how it resamples: "conv", "resnet", or None = the model's *sample_type field).
+_DOWN_KINDS = {
+    "UNet2DModel": {"DownBlock2D": (False, "conv"), "AttnDownBlock2D": (True, None),
+                    "ResnetDownsampleBlock2D": (False, "resnet")},
+    "UNet2DConditionModel": {"DownBlock2D": (False, "conv"), "CrossAttnDownBlock2D": (True, "conv"),
+                             "ResnetDownsampleBlock2D": (False, "resnet")},
+}
+_UP_KINDS = {
+    "UNet2DModel": {"UpBlock2D": (False, "conv"), "AttnUpBlock2D": (True, None),
+                    "ResnetUpsampleBlock2D": (False, "resnet")},
+    "UNet2DConditionModel": {"UpBlock2D": (False, "conv"), "CrossAttnUpBlock2D": (True, "conv"),
+                             "ResnetUpsampleBlock2D": (False, "resnet")},
+}
+
+
+def _unet_levels(what: str, d: Mapping[str, Any]) -> tuple[list[int], bool]:
+    """(levels with attention, resblock_updown) from the block types; ConversionError for what openaimodel lacks."""
+    down, up = list(d["down_block_types"]), list(d["up_block_types"])
+    dk, uk = _DOWN_KINDS[what], _UP_KINDS[what]
+    attn_levels, resampling = [], set()
+    for i, kind in enumerate(down):
+        up_kind = up[len(up) - 1 - i]
+        if kind not in dk:
+            raise ConversionError(f"{what} down block type {kind!r} is not supported ({', '.join(dk)})")
+        if up_kind not in uk:
+            raise ConversionError(f"{what} up block type {up_kind!r} is not supported ({', '.join(uk)})")
+        if dk[kind][0] != uk[up_kind][0]:
+            raise ConversionError(f"{what} has {kind} at level {i} but {up_kind} on the way up: not supported")
+        if dk[kind][0]:
+            attn_levels.append(i)
+        if i != len(down) - 1:  # the lowest level has no down- and no upsampler
+            resampling.add(("down_block_types / downsample_type", dk[kind][1] or d.get("downsample_type", "conv")))
+            resampling.add(("up_block_types / upsample_type", uk[up_kind][1] or d.get("upsample_type", "conv")))
+    for field, how in resampling:
+        if how not in ("conv", "resnet"):
+            raise ConversionError(f"{what} {field}={how!r}: only conv or resnet resampling is supported")
+    if len({how for _, how in resampling}) > 1:
+        raise ConversionError(
+            f"{what} mixes conv and resnet resampling (down_block_types, up_block_types, downsample_type, "
+            "upsample_type): openaimodel resamples all levels one way (model.resblock_updown)"
+        )
+    return attn_levels, ("resnet" in {how for _, how in resampling})
+
+
+def _cond_heads(d: Mapping[str, Any], boc: list[int], levels: list[int]) -> tuple[int, int]:
+    """UNet2DConditionModel heads (num_attention_heads, or its legacy name attention_head_dim: a count per
+    level) -> (num_heads, num_head_channels) of ours: one count everywhere, or one width per head."""
+    heads = d["num_attention_heads"] or d["attention_head_dim"]
+    if isinstance(heads, int):
+        return heads, -1
+    used = sorted(set(levels) | {len(boc) - 1})  # the mid block uses the last level's count
+    counts = {heads[i] for i in used}
+    if len(counts) == 1:
+        return counts.pop(), -1
+    widths = {boc[i] // heads[i] for i in used}
+    if len(widths) == 1 and all(boc[i] % heads[i] == 0 for i in used):
+        return 1, widths.pop()
+    raise ConversionError(
+        f"UNet2DConditionModel attention_head_dim / num_attention_heads={list(heads)}: neither one head count nor "
+        "one head width at every level (model.num_heads / model.num_head_channels cannot express it)"
+    )
+
+
 def diffusers_unet_config(dcfg: Mapping[str, Any]) -> dict:
-    """diffusers `UNet2DModel` config.json -> the bdm `model.*` fields it implies (heads as attn_heads per level)."""
-    d = {**_UNET_DEFAULTS, **dcfg}
-    what = "UNet2DModel"
-    for field, allowed in (("center_input_sample", False), ("time_embedding_type", "positional"),
-                           ("mid_block_scale_factor", 1), ("downsample_type", "conv"), ("upsample_type", "conv"),
-                           ("act_fn", "silu"), ("resnet_time_scale_shift", "default"), ("add_attention", True),
-                           ("class_embed_type", None), ("mid_block_type", "UNetMidBlock2D")):
+    """diffusers `UNet2DModel` / `UNet2DConditionModel` config.json -> the bdm `model.*` fields it implies.
+
+    `_class_name` picks the class (UNet2DModel when absent). Heads come back as num_heads/num_head_channels.
+    """
+    what = dcfg.get("_class_name", "UNet2DModel")
+    if what not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ConversionError(f"config.json _class_name={what!r}: expected UNet2DModel or UNet2DConditionModel")
+    cond = what == "UNet2DConditionModel"
+    d = {**(_COND_UNET_DEFAULTS if cond else _UNET_DEFAULTS), **dcfg}
+    checks = [("center_input_sample", False), ("time_embedding_type", "positional"), ("mid_block_scale_factor", 1),
+              ("act_fn", "silu"), ("class_embed_type", None)]
+    if cond:
+        checks += [("mid_block_type", "UNetMidBlock2DCrossAttn"), ("only_cross_attention", False),
+                   ("dual_cross_attention", False), ("use_linear_projection", False), ("addition_embed_type", None),
+                   ("num_class_embeds", None), ("encoder_hid_dim", None), ("resnet_skip_time_act", False),
+                   ("resnet_out_scale_factor", 1.0), ("time_embedding_act_fn", None), ("timestep_post_act", None),
+                   ("time_cond_proj_dim", None), ("conv_in_kernel", 3), ("conv_out_kernel", 3),
+                   ("attention_type", "default"), ("cross_attention_norm", None),
+                   ("reverse_transformer_layers_per_block", None)]
+        if d["mid_block_only_cross_attention"] not in (None, False):
+            _unsupported(what, "mid_block_only_cross_attention", d["mid_block_only_cross_attention"], None)
+        for field in ("transformer_layers_per_block", "cross_attention_dim", "layers_per_block"):
+            if not isinstance(d[field], int):
+                _unsupported(what, field, d[field], "one int for every level")
+    else:
+        checks += [("add_attention", True), ("mid_block_type", "UNetMidBlock2D")]
+    for field, allowed in checks:
         _unsupported(what, field, d[field], allowed)
-    if d["attn_norm_num_groups"] not in (None, d["norm_num_groups"]):
-        _unsupported(what, "attn_norm_num_groups", d["attn_norm_num_groups"], None)
+    if d["resnet_time_scale_shift"] not in ("default", "scale_shift"):
+        raise ConversionError(f"{what} config.json has resnet_time_scale_shift={d['resnet_time_scale_shift']!r}; "
+                              "bdm_jax supports only 'default' and 'scale_shift'")
+    if not cond:
+        attn_groups = d["attn_norm_num_groups"]
+        if d["resnet_time_scale_shift"] == "scale_shift" and attn_groups is None:
+            # diffusers then builds the mid-block attention without GroupNorm; openaimodel always has one.
+            raise ConversionError(
+                f"{what} config.json has resnet_time_scale_shift='scale_shift' with attn_norm_num_groups=None (a "
+                f"mid-block attention without GroupNorm): bdm_jax supports it only with attn_norm_num_groups="
+                f"{d['norm_num_groups']} (= norm_num_groups)"
+            )
+        if attn_groups not in (None, d["norm_num_groups"]):
+            _unsupported(what, "attn_norm_num_groups", attn_groups, None)
     boc = list(d["block_out_channels"])
     mc = boc[0]
     if any(c % mc for c in boc):
@@ -511,30 +688,32 @@ def diffusers_unet_config(dcfg: Mapping[str, Any]) -> dict:
         _unsupported(what, "time_embedding_dim", d["time_embedding_dim"], None)
     if d["downsample_padding"] not in (0, 1):
         _unsupported(what, "downsample_padding", d["downsample_padding"], 1)
-    down, up = list(d["down_block_types"]), list(d["up_block_types"])
-    attn_levels = []
-    for i, kind in enumerate(down):
-        has = kind == "AttnDownBlock2D"
-        if kind not in ("DownBlock2D", "AttnDownBlock2D"):
-            raise ConversionError(f"{what} down block type {kind!r} is not supported (DownBlock2D, AttnDownBlock2D)")
-        up_kind = up[len(up) - 1 - i]
-        if up_kind not in ("UpBlock2D", "AttnUpBlock2D") or (up_kind == "AttnUpBlock2D") != has:
-            raise ConversionError(f"{what} has {kind} at level {i} but {up_kind} on the way up: not supported")
-        if has:
-            attn_levels.append(i)
+    attn_levels, updown = _unet_levels(what, d)
+    if cond and updown and attn_levels:
+        raise ConversionError(f"{what} with resnet resampling and cross-attention blocks: no openaimodel equivalent")
     size = d["sample_size"]
     if not isinstance(size, int):
         raise ConversionError(f"{what} sample_size={size!r}: a square int size is needed")
-    head_dim = d["attention_head_dim"]
-    return dict(
+    out = dict(
         in_channels=d["in_channels"], out_channels=d["out_channels"], image_size=size, model_channels=mc,
         channel_mult=[c // mc for c in boc], num_res_blocks=d["layers_per_block"],
-        attention_resolutions=[size // 2**i for i in attn_levels], num_classes=d["num_class_embeds"] or 0,
+        attention_resolutions=[size // 2**i for i in attn_levels],
         norm_groups=d["norm_num_groups"], flip_sin_to_cos=bool(d["flip_sin_to_cos"]), freq_shift=d["freq_shift"],
         norm_eps=float(d["norm_eps"]), downsample_padding=d["downsample_padding"],
-        # diffusers: heads = channels // attention_head_dim, one head when it is null.
-        num_heads=1, num_head_channels=-1 if head_dim is None else head_dim,
+        use_scale_shift_norm=d["resnet_time_scale_shift"] == "scale_shift", resblock_updown=updown,
+        use_spatial_transformer=cond,
     )
+    if cond:
+        # The context comes from outside diffusers' model (ours: the ClassEmbedder), so no num_classes here.
+        heads, head_channels = _cond_heads(d, boc, attn_levels)
+        out.update(transformer_depth=d["transformer_layers_per_block"], context_dim=d["cross_attention_dim"],
+                   num_heads=heads, num_head_channels=head_channels)
+    else:
+        head_dim = d["attention_head_dim"]
+        # diffusers: heads = channels // attention_head_dim, one head when it is null.
+        out.update(num_classes=d["num_class_embeds"] or 0, num_heads=1,
+                   num_head_channels=-1 if head_dim is None else head_dim)
+    return out
 
 
 def check_unet_config(model_cfg: Any, implied: Mapping[str, Any]) -> None:
@@ -542,7 +721,7 @@ def check_unet_config(model_cfg: Any, implied: Mapping[str, Any]) -> None:
     for key, value in implied.items():
         if key in ("num_heads", "num_head_channels"):
             continue
-        have = model_cfg[key]
+        have = model_cfg.get(key, ADDED_MODEL_FIELDS.get(key))
         have = list(have) if isinstance(have, (list, tuple)) else have
         same = abs(have - value) <= 1e-12 * abs(value) if isinstance(value, float) else have == value
         if not same:
@@ -557,7 +736,7 @@ def check_unet_config(model_cfg: Any, implied: Mapping[str, Any]) -> None:
         if ours != theirs:
             nhc = implied["num_head_channels"]
             hint = (f"--config.model.num_head_channels={nhc}" if nhc > 0
-                    else "--config.model.num_heads=1 --config.model.num_head_channels=-1")
+                    else f"--config.model.num_heads={implied['num_heads']} --config.model.num_head_channels=-1")
             raise ConversionError(
                 f"the checkpoint has {theirs} attention heads at {w} channels but the config gives {ours}; pass {hint}"
             )

@@ -49,8 +49,13 @@ class LayerShape:
 
 def layer_shapes(model_cfg: Any) -> list[LayerShape]:
     """MACs of every conv/dense and attention matmul pair of one forward (batch 1), from an abstract trace."""
+    # The explicit attention core runs the q/k/v quantizers (identities here), which is where the two
+    # attention matmuls are seen; the fused core computes the same function without them.
+    model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    model_cfg.attention_impl = "explicit"
     net = UNet.from_config(model_cfg)
     seen: dict[str, LayerShape] = {}
+    queries: dict[str, tuple[int, int, int]] = {}
 
     def record(next_fn, args, kwargs, ctx):
         out = next_fn(*args, **kwargs)
@@ -60,10 +65,12 @@ def layer_shapes(model_cfg: Any) -> list[LayerShape]:
         path = "/".join(m.path)
         x = args[0]
         if isinstance(m, QAct):
-            if path.endswith("/q_quant"):  # (B, T, heads, ch): q·k and weights·v, T*T*heads*ch each
-                _, t, h, ch = x.shape
-                p = path.rsplit("/", 1)[0]
-                seen[p] = LayerShape(p, "attention", (), 2 * t * t * h * ch)
+            p, name = path.rsplit("/", 1)
+            if name == "q_quant":  # (B, T_q, heads, ch)
+                queries[p] = x.shape[1:]
+            elif name == "k_quant":  # q·k and weights·v: T_q*T_k*heads*ch each (T_k = T_q but in cross-attention)
+                t_q, h, ch = queries[p]
+                seen[p] = LayerShape(p, "attention", (), 2 * t_q * x.shape[1] * h * ch)
             return out
         kernel = (*m.kernel_size, x.shape[-1], m.features) if isinstance(m, QConv) else (x.shape[-1], m.features)
         positions = math.prod(out.shape[1:-1])

@@ -1,9 +1,11 @@
 """Config rules → per-layer quantization plan (SPEC §3), and the table that shows it.
 
 The plan is decided once from the model config and `config.quant`; the UNet never branches on names.
-Default (SPEC §3): time-embedding MLP, conv_in, conv_out (and a class embedding) stay FP; every layer
-of a block whose resolution is >= head_tail_min_ratio x the input gets `num_bases` bases; every other
-conv/dense (attention qkv/proj, embedding dense, skip, up/down convs) one basis. Activation bits apply
+Default (SPEC §3): time-embedding MLP, conv_in, conv_out (and a class embedding: label_emb or the
+ClassEmbedder's class_embedder, tables that are never quantizable layers) stay FP; every layer of a block
+whose resolution is >= head_tail_min_ratio x the input gets `num_bases` bases; every other conv/dense
+(attention qkv/proj, embedding dense, skip, up/down convs or up/down ResBlocks, and a SpatialTransformer's
+proj_in/proj_out, to_q/to_k/to_v/to_out of both attentions, GEGLU ff) one basis. Activation bits apply
 to the inputs of every binarized layer and, with quantize_attention, to the attention operands.
 """
 

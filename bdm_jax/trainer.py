@@ -189,7 +189,9 @@ def make_sample_fn(setup: Setup, num: int, mesh: Any = None) -> Callable:
     out_sh = sharding.sample_sharding(mesh, num)
     constrain = (lambda x: jax.lax.with_sharding_constraint(x, out_sh)) if out_sh is not None else (lambda x: x)  # noqa: E731
     shape = (num, cfg.model.image_size, cfg.model.image_size, cfg.model.out_channels)
-    labels = jnp.arange(num, dtype=jnp.int32) % cfg.model.num_classes if cfg.model.num_classes else None
+    # Cycle through the data's classes: a class table may have more rows (cin256-v2: row 1000 = "no class").
+    classes = min(cfg.data.num_classes, cfg.model.num_classes) if cfg.data.num_classes else cfg.model.num_classes
+    labels = jnp.arange(num, dtype=jnp.int32) % classes if cfg.model.num_classes else None
 
     codec = setup.codec
 

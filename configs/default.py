@@ -55,6 +55,19 @@ def get_config() -> ml_collections.ConfigDict:
     # Unquantized attention core (bdm_jax.attention): auto = cuDNN flash attention on GPU in bf16/fp16,
     # else XLA; explicit = einsum/softmax/einsum. Same function; quantized attention is always explicit.
     c.model.attention_impl = "auto"
+    # LDM openaimodel variants (all off: the DDPM / LDM-4 Bedrooms UNet). Shape-relevant: a checkpoint of
+    # one setting does not load into another.
+    c.model.use_scale_shift_norm = False  # ResBlock FiLM: out_norm(h) * (1 + scale) + shift from the embedding
+    c.model.resblock_updown = False  # downsample/upsample with ResBlocks (avg-pool / nearest) instead of convs
+    # SpatialTransformer (self- + cross-attention + GEGLU MLP) instead of AttentionBlock at the attention
+    # resolutions and in the middle; heads from num_heads / num_head_channels as for AttentionBlock.
+    c.model.use_spatial_transformer = False
+    c.model.transformer_depth = 1  # transformer blocks per SpatialTransformer
+    c.model.context_dim = 512  # channels of the cross-attention context
+    # Where the cross-attention context comes from. none: no context (no spatial transformer; with
+    # num_classes > 0 the labels are added to the time embedding, ADM's label_emb). class: CompVis'
+    # ClassEmbedder inside the UNet, an FP num_classes x context_dim table giving context embedding(y)[:, None].
+    c.model.cond_stage = "none"  # none | class
 
     # Latent diffusion (SPEC §7, §11): a frozen FP first-stage autoencoder maps images to latents; only the
     # UNet is trained/binarized. The UNet then sees model.image_size = data.image_size / 2**(len(ch_mult)-1)

@@ -89,3 +89,26 @@ def test_progressive_off_and_ebb_transition():
     assert all(float(v) == 1.0 for v in before.values())
     assert all(float(v) == (0.0 if k[-1] == "extra_bases" else 1.0) for k, v in after.items())
     np.testing.assert_equal(len(before), len(after))
+
+
+def test_rings_cover_the_layers_of_the_ldm_variants():
+    # Up/down ResBlocks and SpatialTransformer layers get their block's ring; none falls outside the blocks.
+    # The tiny UNet with every LDM variant switch on (the paper configs' structure, small).
+    cfg = tiny.get_config()
+    cfg.model.update(use_scale_shift_norm=True, resblock_updown=True, use_spatial_transformer=True,
+                     cond_stage="class", context_dim=16)
+    cfg.data.num_classes = 10
+    cfg.method = "binarydm"
+    cfg = validate(cfg)
+    net = UNet.from_config(cfg.model, rules.build_plan(cfg.model, cfg.quant))
+    one = jnp.zeros((1,), jnp.int32)
+    template = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), one, one)["masks"]
+    rings = progressive.mask_rings(template, cfg.model, "block")
+    blocks = progressive.block_rings(cfg.model, "block")
+    assert max(rings.values()) == max(blocks.values())  # nothing in the "outside blocks" ring
+    for key, ring in rings.items():
+        assert ring == blocks[key[0]], key
+    assert rings[("input_blocks_2", "down", "in_conv", "binarize")] == 4 - 2  # 9 blocks, middle 4
+    assert rings[("output_blocks_1", "up", "out_conv", "binarize")] == 2
+    assert rings[("middle_block", "attn", "transformer_blocks_0", "attn2", "to_k", "binarize")] == 0
+    assert ("input_blocks_3", "attn", "transformer_blocks_0", "ff_proj", "binarize") in rings

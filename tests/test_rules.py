@@ -6,7 +6,7 @@ import pytest
 
 from bdm_jax import rules
 from bdm_jax.config import ConfigError, validate
-from configs import ddpm_cifar10, ldm4_bedrooms
+from configs import ddpm_cifar10, ldm4_bedrooms, ldm4_imagenet, ldm8_churches
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,3 +101,36 @@ def test_bad_quant_values_are_rejected():
     cfg.quant.act_bits = 6
     with pytest.raises(ConfigError, match="quant.act_bits=6"):
         validate(cfg)
+
+
+# ------------------------------------------------------------------- LDM variants (SPEC §3 on §11's models)
+@functools.lru_cache(maxsize=None)
+def _variant(name):
+    cfg = {"churches": ldm8_churches, "imagenet": ldm4_imagenet}[name].get_config()
+    cfg.method = "binarydm"
+    cfg.quant.act_bits = 4
+    cfg = validate(cfg)
+    layers = rules.enumerate_layers(cfg.model)
+    return cfg, layers, rules.build_plan(cfg.model, cfg.quant, layers)
+
+
+@pytest.mark.parametrize("name", ["churches", "imagenet"])
+def test_variant_plans_follow_spec_section_3(name):
+    # FP: only the time MLP, conv_in, conv_out (the ClassEmbedder is a table, not a conv/dense: FP, no row);
+    # multi-basis: every layer of the >= 1/2-resolution blocks, the first and last 6; all others one basis.
+    cfg, layers, plan = _variant(name)
+    weights = [li for li in layers if li.kind != "act"]
+    n = len({li.block for li in weights if li.block})
+    head = {f"input_blocks_{i}" for i in range(6)} | {f"output_blocks_{i}" for i in range(n // 2 - 6, n // 2)}
+    assert {li.path for li in weights if plan.get(li.path).bases == 0} == FP_LAYERS
+    assert {li.path for li in weights if plan.get(li.path).bases == 2} == {
+        li.path for li in weights if li.block in head and li.path != "conv_in"}
+    assert all(plan.get(li.path).act_bits == 4 for li in layers if li.path not in FP_LAYERS)
+    new = ({"down/in_conv", "down/emb_dense", "down/out_conv", "up/in_conv", "up/out_conv"} if name == "churches"
+           else {"attn/proj_in", "attn1/to_q", "attn2/to_k", "attn2/to_v", "attn2/to_out", "ff_proj", "ff_out",
+                 "attn/proj_out", "attn1/q_quant", "attn2/k_quant", "attn2/attn_quant"})
+    table = rules.plan_table(layers, plan)
+    for part in new:
+        hits = [li.path for li in layers if li.path.endswith(part) or f"/{part}/" in li.path + "/"]
+        assert hits and all(p in table for p in hits), part
+    assert "class_embedder" not in table and "label_emb" not in table

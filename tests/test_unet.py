@@ -1,4 +1,5 @@
-"""UNet: parameter counts of the paper models, shapes, sown block features, the quantized path."""
+"""UNet: parameter counts of the paper models, shapes, sown block features, the quantized path, and the LDM
+variants (scale-shift norm, ResBlock up/down, SpatialTransformer with the class context; SPEC §11)."""
 
 import chex
 import jax
@@ -10,7 +11,7 @@ from bdm_jax import rules
 from bdm_jax.config import validate
 from bdm_jax.qat import block_features, student_from_teacher, zero_masks
 from bdm_jax.unet import UNet, block_infos, block_specs
-from configs import ddpm_cifar10, ldm4_bedrooms, tiny
+from configs import ddpm_cifar10, ldm4_bedrooms, ldm4_imagenet, ldm8_churches, tiny
 
 
 def _count(cfg):
@@ -129,3 +130,92 @@ def test_class_conditional_needs_labels():
     assert variables["params"]["label_emb"]["embedding"].shape == (10, 4 * cfg.model.model_channels)
     with pytest.raises(ValueError, match="num_classes"):
         net.apply(variables, x, t)
+
+
+# ------------------------------------------------------------------- LDM variants (SPEC §11, issues 6/7)
+def test_ldm8_churches_param_count():
+    # = diffusers UNet2DModel of the same architecture (tests/test_convert.py, meta device), and
+    # 294,966,916 x 4 bytes = 1125.2 MB, the paper's FP size of LDM-8 Churches (SPEC §9).
+    assert _count(ldm8_churches.get_config()) == 294_966_916
+
+
+def test_ldm4_imagenet_param_count():
+    # diffusers UNet2DConditionModel of cin256-v2's UNet 400,920,579 (tests/test_convert.py) + the 1001 x 512
+    # ClassEmbedder table the UNet holds.
+    cfg = ldm4_imagenet.get_config()
+    net = UNet.from_config(cfg.model)
+    shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,), jnp.int32),
+                            jnp.zeros((1,), jnp.int32))["params"]
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 401_433_091
+    assert shapes["class_embedder"]["embedding"].shape == (1001, 512) and "label_emb" not in shapes
+
+
+def test_block_layout_of_the_ldm_variants():
+    churches = ldm8_churches.get_config().model
+    blocks = block_infos(churches)
+    assert len(blocks) == 31 and blocks[15].name == "middle_block"  # 5 levels: 15 + 1 + 15 (2n + 1)
+    inputs, middle, outputs = block_specs(churches)
+    downs = [i for i, s in enumerate(inputs) if s.get("resample") == "down"]
+    assert downs == [3, 6, 9, 12] and all(inputs[i]["updown"] and not inputs[i]["out_channels"] for i in downs)
+    assert [o["resample"] for o in outputs].count("up") == 4 and middle["transformer_depth"] == 0
+    assert {s["attn_heads"] for s in inputs[1:] + outputs if s["attn_heads"]} == {8}
+    imagenet = ldm4_imagenet.get_config().model
+    inputs, middle, _ = block_specs(imagenet)
+    assert len(block_infos(imagenet)) == 25 and middle["transformer_depth"] == 1 and middle["attn_heads"] == 1
+    assert [s["resolution"] for s in inputs[1:] if s["attn_heads"]] == [32, 32, 16, 16, 8, 8]
+
+
+def _variant_config(act_bits: int = 32):
+    """tiny with every variant on: scale-shift, ResBlock up/down, SpatialTransformer, class context."""
+    cfg = tiny.get_config()
+    cfg.model.use_scale_shift_norm = True
+    cfg.model.resblock_updown = True
+    cfg.model.use_spatial_transformer = True
+    cfg.model.cond_stage = "class"
+    cfg.model.context_dim = 16
+    cfg.model.num_head_channels = 16
+    cfg.data.num_classes = 10  # linked: model.num_classes = 10 too
+    cfg.method = "binarydm"
+    cfg.quant.act_bits = act_bits
+    return validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def variant_setup():
+    cfg = _variant_config()
+    net = UNet.from_config(cfg.model)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    t, y = jnp.array([3, 70], jnp.int32), jnp.array([2, 7], jnp.int32)
+    # Random non-zero params drawn with numpy from the abstract tree: no eager init (slow on a CPU).
+    shapes = jax.eval_shape(net.init, jax.random.key(0), x, t, y)["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), jnp.float32), shapes)
+    return cfg, net, params, x, t, y
+
+
+def test_variant_student_with_masks_zero_is_exactly_fp(variant_setup, act_bits=4):
+    # Every new conv/dense (up/down ResBlocks, proj_in/out, to_q/k/v/out, ff) and the quantizers of attn1
+    # and attn2 go through the plan; mask 0 must bypass all of them. The labels reach the output.
+    cfg, net, params, x, t, y = variant_setup
+    with pytest.raises(ValueError, match="num_classes"):
+        jax.eval_shape(net.apply, {"params": params}, x, t)
+    cfg = _variant_config(act_bits)
+    plan = rules.build_plan(cfg.model, cfg.quant)
+    assert plan.get("input_blocks_2/down/in_conv").bases >= 1
+    assert plan.get("middle_block/attn/transformer_blocks_0/attn2/to_k").bases == 2  # res 4 >= 8 / 2
+    assert plan.get("middle_block/attn/transformer_blocks_0/attn2/k_quant").act_bits == 4
+    assert plan.get("middle_block/attn/transformer_blocks_0/attn1/k_quant").act_bits == 4
+    student = UNet.from_config(cfg.model, plan)
+    variables = jax.eval_shape(student.init, jax.random.key(0), x, t, y)
+    variables = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), dict(variables))  # masks 1: fully binarized
+    # Jitted: eager flax applies of this UNet take seconds each on a CPU.
+    sparams = jax.jit(student_from_teacher, static_argnums=2)(variables["params"], params, plan)
+    sparams = jax.tree_util.tree_map_with_path(
+        lambda k, v: jnp.full_like(v, 0.05) if k[-1].key == "act_step" else v, sparams)
+    apply = jax.jit(student.apply)
+    off = apply({"params": sparams, "masks": zero_masks(variables["masks"])}, x, t, y)
+    np.testing.assert_array_equal(off, jax.jit(net.apply)({"params": params}, x, t, y))
+    on = apply({"params": sparams, "masks": variables["masks"]}, x, t, y)
+    assert float(jnp.abs(on - off).max()) > 1e-3
+    other = apply({"params": sparams, "masks": variables["masks"]}, x, t, y[::-1])  # the class context matters
+    assert float(jnp.abs(on - other).max()) > 1e-4

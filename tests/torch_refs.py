@@ -2,7 +2,8 @@
 weights, and their state dicts renamed to the CompVis (LDM repo) layout.
 
 The CompVis renames are written from the LDM repo's module structure (openaimodel `UNetModel`:
-input_blocks.{i}.{0 res | 1 attn | 0.op down}, ResBlock in_layers.{0,2} / emb_layers.1 / out_layers.{0,3}
+input_blocks.{i}.{0 res | 1 attn | 0.op down | 0 ResBlock(down)}, output_blocks.{i}.{0 res | 1 attn | 1/2 up},
+ResBlock in_layers.{0,2} / emb_layers.1 / out_layers.{0,3}
 / skip_connection, AttentionBlock norm / qkv (conv1d, per head [q|k|v]) / proj_out; first stage
 `Encoder`/`Decoder`: down.{i}.block.{j}, down.{i}.downsample.conv, mid.block_1 / attn_1 (1x1 convs q, k, v,
 proj_out) / block_2, up.{i}.block.{j}, up.{i}.upsample.conv, norm_out), independently of bdm_jax.convert.
@@ -36,6 +37,41 @@ LDM4_BEDROOMS = dict(
     sample_size=64, in_channels=3, out_channels=3, block_out_channels=(224, 448, 672, 896), layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
+)
+
+# LDM-8 Churches-style UNet2DModel (lsun_churches-ldm-kl-8.yaml: use_scale_shift_norm, resblock_updown), small:
+# both resnet-resampling block kinds (AttnDownBlock2D with downsample_type=resnet, ResnetDownsampleBlock2D).
+# attn_norm_num_groups keeps the mid-block attention's GroupNorm, which openaimodel always has.
+CHURCHES_SMALL = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32, 64), layers_per_block=2,
+    down_block_types=("AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnUpBlock2D"),
+    downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="scale_shift", attention_head_dim=8,
+    norm_num_groups=8, attn_norm_num_groups=8,
+)
+# The full LDM-8 Churches UNet as a UNet2DModel. Its 8 heads at every width are not expressible there
+# (attention_head_dim is one channels-per-head for all levels); heads do not change the parameter shapes.
+LDM8_CHURCHES = dict(
+    sample_size=32, in_channels=4, out_channels=4, block_out_channels=(192, 384, 384, 768, 768), layers_per_block=2,
+    down_block_types=("AttnDownBlock2D",) * 4 + ("DownBlock2D",),
+    up_block_types=("ResnetUpsampleBlock2D",) + ("AttnUpBlock2D",) * 4,
+    downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="scale_shift", attention_head_dim=None,
+    attn_norm_num_groups=32,
+)
+# Class-conditional LDM (cin256-v2.yaml: SpatialTransformer with cross-attention to the ClassEmbedder) as a
+# UNet2DConditionModel, small: attention_head_dim is diffusers' legacy name for the head COUNT per level
+# (here 8 channels per head), transformer depth 2 to cover the block loop.
+CIN_SMALL = dict(
+    sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32, 48, 80), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 6, 10), cross_attention_dim=16, transformer_layers_per_block=2, norm_num_groups=8,
+)
+# cin256-v2's UNet: model_channels 192, mult (1, 2, 3, 5), attention at ds 2/4/8, ONE head (num_heads: 1), context 512.
+LDM4_CIN = dict(
+    sample_size=64, in_channels=3, out_channels=3, block_out_channels=(192, 384, 576, 960), layers_per_block=2,
+    down_block_types=CIN_SMALL["down_block_types"], up_block_types=CIN_SMALL["up_block_types"],
+    attention_head_dim=1, cross_attention_dim=512, transformer_layers_per_block=1,
 )
 
 VAE_SMALL = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=2,
@@ -98,7 +134,8 @@ def _legacy_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int) -> np.n
 
 
 def unet_to_compvis(sd: dict, dcfg: dict, prefix: str = "model.diffusion_model.") -> dict[str, np.ndarray]:
-    """A diffusers UNet2DModel state dict under LDM openaimodel names (qkv conv1d fused, 1x1 convs 3-D)."""
+    """A diffusers UNet2DModel / UNet2DConditionModel state dict under LDM openaimodel names (qkv conv1d
+    fused, 1x1 convs 3-D; Transformer2DModel keys are already the SpatialTransformer's)."""
     used: set[str] = set()
     full, sd = sd, _Tracked(sd, used)
     nrb = dcfg["layers_per_block"]
@@ -114,7 +151,19 @@ def unet_to_compvis(sd: dict, dcfg: dict, prefix: str = "model.diffusion_model."
                 if f"{src}.{a}.{p}" in sd:
                     out[f"{dst}.{b}.{p}"] = sd[f"{src}.{a}.{p}"]
 
+    def resampler(src: str, dst: str, conv_name: str) -> None:
+        # diffusers' downsamplers.0 / upsamplers.0: a conv module, or a ResnetBlock2D (openaimodel: ResBlock(down/up))
+        if f"{src}.conv.weight" in full:
+            for p in ("weight", "bias"):
+                out[f"{dst}.{conv_name}.{p}"] = sd[f"{src}.conv.{p}"]
+        else:
+            res(src, dst)
+
     def attn(src: str, dst: str, c: int) -> None:
+        if f"{src}.proj_in.weight" in full:  # Transformer2DModel: the LDM SpatialTransformer's names
+            for key in [k for k in full if k.startswith(src + ".")]:
+                out[dst + key[len(src):]] = sd[key]
+            return
         out[f"{dst}.norm.weight"] = sd[f"{src}.group_norm.weight"]
         out[f"{dst}.norm.bias"] = sd[f"{src}.group_norm.bias"]
         for p in ("weight", "bias"):
@@ -132,12 +181,11 @@ def unet_to_compvis(sd: dict, dcfg: dict, prefix: str = "model.diffusion_model."
     for level, kind in enumerate(dcfg["down_block_types"]):
         for j in range(nrb):
             res(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{idx}.0")
-            if kind.startswith("Attn"):
+            if kind.startswith(("Attn", "CrossAttn")):
                 attn(f"down_blocks.{level}.attentions.{j}", f"input_blocks.{idx}.1", boc[level])
             idx += 1
         if level != len(boc) - 1:
-            for p in ("weight", "bias"):
-                out[f"input_blocks.{idx}.0.op.{p}"] = sd[f"down_blocks.{level}.downsamplers.0.conv.{p}"]
+            resampler(f"down_blocks.{level}.downsamplers.0", f"input_blocks.{idx}.0", "op")
             idx += 1
     res("mid_block.resnets.0", "middle_block.0")
     attn("mid_block.attentions.0", "middle_block.1", boc[-1])
@@ -147,13 +195,11 @@ def unet_to_compvis(sd: dict, dcfg: dict, prefix: str = "model.diffusion_model."
         c = boc[len(boc) - 1 - u]
         for j in range(nrb + 1):
             res(f"up_blocks.{u}.resnets.{j}", f"output_blocks.{k}.0")
-            has_attn = kind.startswith("Attn")
+            has_attn = kind.startswith(("Attn", "CrossAttn"))
             if has_attn:
                 attn(f"up_blocks.{u}.attentions.{j}", f"output_blocks.{k}.1", c)
-            if j == nrb and u != len(boc) - 1:
-                for p in ("weight", "bias"):
-                    src = sd[f"up_blocks.{u}.upsamplers.0.conv.{p}"]
-                    out[f"output_blocks.{k}.{2 if has_attn else 1}.conv.{p}"] = src
+            if j == nrb and u != len(boc) - 1:  # openaimodel: the block's last layer, after res [+ attn]
+                resampler(f"up_blocks.{u}.upsamplers.0", f"output_blocks.{k}.{2 if has_attn else 1}", "conv")
             k += 1
     assert used == set(full), f"diffusers tensors without a CompVis name: {sorted(set(full) - used)[:3]}"
     return {prefix + key: v for key, v in out.items()}
