@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import statistics
 import sys
@@ -300,3 +301,145 @@ def random_variables(model: Any, model_cfg: Any, seed: int = 0) -> dict:
     out = jax.jit(fill)(jax.random.key(seed))
     out.setdefault("masks", {})
     return jax.block_until_ready(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the time goes: device-trace breakdown of a compiled step (issue 9, analysis)
+# --------------------------------------------------------------------------------------------------
+_HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S.*?\s([\w\-]+)\((.*)$")
+
+
+def hlo_instruction_info(hlo_text: str) -> dict[str, dict]:
+    """{instruction name: {opcode, kind, target, op_name}} of a compiled module's text (`compiled.as_text()`).
+
+    op_name is the JAX source path XLA keeps as metadata (flax adds the module path, e.g.
+    `jit(step_fn)/transpose(jvp(UNet))/output_blocks_3/attn/qkv/dot_general`).
+    """
+    info = {}
+    for line in hlo_text.splitlines():
+        m = _HLO_LINE.match(line)
+        if not m:
+            continue
+        name, opcode, rest = m.group(1), m.group(2), m.group(3)
+        kind = re.search(r"\bkind=(k\w+)", rest)
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        op_name = re.search(r'op_name="([^"]+)"', rest)
+        info[name] = dict(opcode=opcode, kind=kind.group(1) if kind else "",
+                          target=target.group(1) if target else "", op_name=op_name.group(1) if op_name else "")
+    return info
+
+
+def op_category(info: dict, kernel: str = "") -> str:
+    """Coarse kind of an HLO instruction: conv, matmul, attention (fused), elementwise/reduce fusion, copy, ..."""
+    target, opcode, op_name = info.get("target", "").lower(), info.get("opcode", ""), info.get("op_name", "")
+    text = f"{target} {kernel.lower()}"
+    if "fmha" in text or "flash" in text or "dot_product_attention" in op_name:
+        return "fused attention"
+    if "conv" in target or opcode == "convolution":
+        return "convolution"
+    if "gemm" in target or "matmul" in target or opcode == "dot" or "cublas" in text:
+        return "matmul"
+    if opcode == "fusion":
+        kind = {"kLoop": "loop", "kInput": "reduce", "kOutput": "output", "kCustom": "custom"}.get(info.get("kind"), "")
+        return f"fusion ({kind})" if kind else "fusion"
+    if opcode in ("copy", "transpose", "copy-start", "copy-done"):
+        return "copy/transpose"
+    if opcode in ("all-reduce", "all-gather", "reduce-scatter", "all-reduce-start", "collective-permute"):
+        return "collective"
+    return opcode or "other"
+
+
+def op_phase(op_name: str) -> str:
+    """Which part of a train step an op belongs to, from its JAX source path.
+
+    The student's loss is differentiated (`jvp(...)` forward, `transpose(jvp(...))` backward); the teacher's
+    forward runs outside the gradient (a UNet path without jvp); the rest is the optimizer / EMA / bookkeeping.
+    """
+    if "transpose(jvp" in op_name:
+        return "student backward"
+    if "jvp(" in op_name:
+        return "student forward"
+    if "UNet" in op_name or "/input_blocks_" in op_name or "/output_blocks_" in op_name or "/middle_block" in op_name:
+        return "teacher forward"
+    return "optimizer/other"
+
+
+def op_component(op_name: str) -> str:
+    """The model part an op comes from (attention, quantizers, binarizer, norms, convs, LRM, ...)."""
+    prim = op_name.rsplit("/", 1)[-1] if op_name else ""
+    if "lrm" in op_name or "project" in op_name:
+        return "LRM"
+    if "_quant/" in op_name:  # q_quant, k_quant, v_quant, attn_quant (QAct modules)
+        return "attention-operand quantizers (LSQ)"
+    if "jit(_where)" in op_name:  # mask 0/1 select of quantize_input / binarize_kernel (progressive)
+        return "progressive mask select"
+    if any(k in op_name for k in ("/attn/", "/attn1/", "/attn2/")) and prim != "conv_general_dilated":
+        if "/qkv/" in op_name or "/proj_out/" in op_name or "/to_" in op_name:
+            return "attention projections"
+        return "attention core"
+    if prim in ("round", "clamp", "floor"):
+        return "activation quantizer (LSQ)"
+    if prim in ("sign", "abs") or "scales" in op_name:
+        return "weight binarizer"
+    if "norm" in op_name:
+        return "normalization"
+    if prim == "conv_general_dilated":
+        return "convolution"
+    if prim == "dot_general":
+        return "dense"
+    return "other"
+
+
+def trace_op_times(trace_dir: str) -> tuple[dict[str, float], dict[str, str]]:
+    """({HLO instruction: total ns}, {HLO instruction: first kernel name}) of a jax.profiler trace.
+
+    Device planes (GPU kernels carry the `hlo_op` that launched them); on CPU, the host plane's thunks.
+    """
+    import glob
+
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise BenchError(f"no .xplane.pb trace under {trace_dir}")
+    data = ProfileData.from_file(files[-1])
+    planes = [p for p in data.planes if p.name.startswith("/device:")] or [
+        p for p in data.planes if p.name.startswith("/host:CPU")]
+    times: dict[str, float] = {}
+    kernels: dict[str, str] = {}
+    for plane in planes:
+        for line in plane.lines:
+            for ev in line.events:
+                stats = dict(ev.stats)
+                op = stats.get("hlo_op")
+                if not op or ev.name.startswith("end: "):
+                    continue
+                times[op] = times.get(op, 0.0) + float(ev.duration_ns)
+                kernels.setdefault(op, ev.name)
+    return times, kernels
+
+
+def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
+    """Device time per step of a traced compiled step, grouped by op category, step phase and model part."""
+    times, kernels = trace_op_times(trace_dir)
+    info = hlo_instruction_info(hlo_text)
+    total = sum(times.values())
+    groups: dict[str, dict[str, float]] = {"category": {}, "phase": {}, "component": {}}
+    rows = []
+    for op, ns in times.items():
+        i = info.get(op, {})
+        cat, phase, comp = op_category(i, kernels.get(op, "")), op_phase(i.get("op_name", "")), op_component(i.get("op_name", ""))
+        for g, key in (("category", cat), ("phase", phase), ("component", comp)):
+            groups[g][key] = groups[g].get(key, 0.0) + ns
+        rows.append(dict(op=op, ms_per_step=ns / steps / 1e6, share=ns / total if total else 0.0, category=cat,
+                         phase=phase, component=comp, op_name=i.get("op_name", ""), kernel=kernels.get(op, "")))
+    rows.sort(key=lambda r: -r["ms_per_step"])
+
+    def table(d: dict[str, float]) -> list[dict]:
+        return [dict(name=k, ms_per_step=v / steps / 1e6, share=v / total if total else 0.0)
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])]
+
+    return dict(steps=steps, device_ms_per_step=total / steps / 1e6, ops_traced=len(times),
+                ops_matched_to_hlo=sum(op in info for op in times),
+                by_category=table(groups["category"]), by_phase=table(groups["phase"]),
+                by_component=table(groups["component"]), top_ops=rows[:top])

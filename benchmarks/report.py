@@ -88,6 +88,12 @@ def _variant(rec: dict) -> str:
     return f"{label} W1A{bits}"
 
 
+def _attn(rec: dict) -> str:
+    """model.attention_impl of a train row (rows written before the option existed: the explicit path)."""
+    model = (rec.get("config") or {}).get("model") or {}
+    return model.get("attention_impl", "explicit")
+
+
 def _status(rec: dict) -> str:
     s = rec.get("status", "?")
     return s if s == "ok" else f"**{s}**"
@@ -116,21 +122,65 @@ def train_table(rows: list[dict], peak_tflops: float | None) -> list[str]:
 def ratio_table(rows: list[dict]) -> list[str]:
     """QAT / FP step time, peak memory and compile time at the same model, dtype and batch."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    fp = {(r["model"], r["dtype"], r["batch"]): r for r in ok if r.get("method") == "fp"}
-    out = ["| model | dtype | batch | QAT | FP ms | QAT ms | QAT / FP time | QAT / FP peak memory | QAT / FP compile |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    fp = {(r["model"], r["dtype"], r["batch"], _attn(r)): r for r in ok if r.get("method") == "fp"}
+    out = ["| model | dtype | batch | attention | QAT | FP ms | QAT ms | QAT / FP time | QAT / FP peak memory | "
+           "QAT / FP compile |",
+           "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
     n = 0
     for r in ok:
-        f = fp.get((r["model"], r["dtype"], r["batch"]))
+        f = fp.get((r["model"], r["dtype"], r["batch"], _attn(r)))
         if r.get("method") == "fp" or f is None:
             continue
         n += 1
         (gq, _), (gf, _) = peak_gib(r), peak_gib(f)
         mem = f"{gq / gf:.2f}x" if gq and gf else "-"
         comp = f"{r['compile_s'] / f['compile_s']:.2f}x" if r.get("compile_s") and f.get("compile_s") else "-"
-        out.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {_variant(r)} | {f['step_ms']:.1f} | "
+        out.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {_attn(r)} | {_variant(r)} | {f['step_ms']:.1f} | "
                    f"{r['step_ms']:.1f} | {r['step_ms'] / f['step_ms']:.2f}x | {mem} | {comp} |")
-    return out if n else ["(no FP and QAT rows at the same model, dtype and batch finished)"]
+    return out if n else ["(no FP and QAT rows at the same model, dtype, batch and attention core finished)"]
+
+
+def attention_table(rows: list[dict]) -> list[str]:
+    """The fused attention core (model.attention_impl=auto) against the explicit einsum path, same row otherwise."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    key = lambda r: (r["model"], r.get("method"), r.get("act_bits"), r["dtype"], r["batch"])  # noqa: E731
+    explicit = {key(r): r for r in ok if _attn(r) == "explicit" and r["name"].endswith("-attn_explicit")}
+    out = ["| model | method | dtype | batch | explicit ms | auto (fused where unquantized) ms | speed-up | "
+           "explicit peak GiB | auto peak GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    n = 0
+    for r in ok:
+        e = explicit.get(key(r))
+        if e is None or _attn(r) == "explicit":
+            continue
+        n += 1
+        out.append(f"| {r['model']} | {_variant(r)} | {r['dtype']} | {r['batch']} | {e['step_ms']:.1f} | "
+                   f"{r['step_ms']:.1f} | {e['step_ms'] / r['step_ms']:.2f}x | {_f(peak_gib(e)[0], '.2f')} | "
+                   f"{_f(peak_gib(r)[0], '.2f')} |")
+    return out if n else ["(no explicit / auto attention pair measured)"]
+
+
+def profile_section(rows: list[dict], top: int = 10) -> list[str]:
+    """Where the time goes: the device-trace breakdown of every profiled train row (train_step --profile_steps)."""
+    out: list[str] = []
+    for r in rows:
+        p = r.get("profile")
+        if r.get("status") != "ok" or not p:
+            continue
+        out += [f"#### {r['name']}", "",
+                f"Device time {p['device_ms_per_step']:.1f} ms per step (trace of {p['steps']} steps; step time "
+                f"{r['step_ms']:.1f} ms; {p['ops_matched_to_hlo']}/{p['ops_traced']} ops matched to the HLO).", ""]
+        for title, group in (("step phase", "by_phase"), ("op kind", "by_category"), ("model part", "by_component")):
+            out += [f"| {title} | ms / step | share |", "|---|---:|---:|"]
+            out += [f"| {g['name']} | {g['ms_per_step']:.2f} | {g['share']:.1%} |" for g in p[group]] + [""]
+        out += [f"Top {top} ops:", "", "| op | kind | phase | part | ms / step | share | source (op_name) |",
+                "|---|---|---|---|---:|---:|---|"]
+        for o in p["top_ops"][:top]:
+            src = o["op_name"].replace("|", "/")
+            src = src if len(src) <= 90 else "..." + src[-87:]
+            out.append(f"| {o['op']} | {o['category']} | {o['phase']} | {o['component']} | {o['ms_per_step']:.2f} | "
+                       f"{o['share']:.1%} | `{src}` |")
+        out.append("")
+    return out
 
 
 def official_table(rows: list[dict], device: str) -> list[str]:
@@ -222,6 +272,18 @@ def build_markdown(results: str) -> str:
         L += ["† the compiled step's cost analysis missed most FLOPs (library calls); these use the unoptimized "
               "HLO's count.", ""]
     L += ["### QAT / FP", ""] + ratio_table(data["train"]) + [""]
+    L += ["### Attention core: fused (auto) vs explicit", "",
+          "`model.attention_impl=auto` runs unquantized attention (FP model, teacher forward, W1A32 students) through "
+          "`jax.nn.dot_product_attention` (cuDNN flash attention on GPU in bf16); attention with quantized operands "
+          "(W1A8/W1A4 students) stays explicit. Same function (tests/test_attention.py).", ""]
+    L += attention_table(data["train"]) + [""]
+    prof = profile_section(data["train"])
+    if prof:
+        L += ["### Where the time goes (device trace)", "",
+              "`train_step --profile_steps=N`: a jax.profiler trace of N steps after the timing; kernel time per HLO "
+              "op, grouped by XLA's op metadata (flax module paths): phase = teacher forward / student forward / "
+              "student backward / optimizer; part = attention core, LSQ quantizers, progressive mask selects, "
+              "binarizer, norms, convolutions, ...", ""] + prof
     L += ["### Against the official PyTorch BinaryDM QAT step", "",
           f"Reference: {common.OFFICIAL_REFERENCE['source']}, measured on an **{common.OFFICIAL_REFERENCE['card']}** "
           f"with random 64x64x3 latents. Ours on **{device}**"

@@ -50,14 +50,19 @@ class Row:
 
 
 def _train(model: str, method: str, bits: int, dtype: str, batch: int | str, est: float, quick_est: float = 30.0,
-           batch_from=None) -> Row:
-    name = train_step.row_name(model, method, bits, dtype, batch)
+           batch_from=None, attention: str = "", profile: int = 0) -> Row:
+    name = train_step.row_name(model, method, bits, dtype, batch) + (f"-attn_{attention}" if attention else "")
     args = ["--model", model, "--method", method, "--act_bits", str(bits), "--dtype", dtype, "--name", name]
+    if attention:  # A/B of the attention core (issue 9): the same step with model.attention_impl=<attention>
+        args += ["--attention_impl", attention]
+    if profile:
+        args += ["--profile_steps", str(profile)]
     if batch_from is None:
         args += ["--batch", str(batch)]
     else:
         args += ["--shrink_on_oom", "1"]
-    meta = dict(model=model, method=method, act_bits=32 if method == "fp" else bits, dtype=dtype, requested_batch=batch)
+    meta = dict(model=model, method=method, act_bits=32 if method == "fp" else bits, dtype=dtype, requested_batch=batch,
+                attention_impl=attention or "auto")
     return Row(name, "train_step", args, est, [f"train/{name}.json"], quick_est, batch_from, [meta])
 
 
@@ -100,8 +105,13 @@ def plan(out: str, quick: bool, f32: bool, sample_act_bits: int = 32) -> list[Ro
     rows = [
         Row("peak", "peak", [], 30, ["peak.json"], 10),
         # The headline: LDM-4 QAT (official setting W1A8 + LRM) and FP at batch 32, then QAT at batch 4.
-        _train("ldm4", "binarydm", 8, "bf16", 32, 150),
-        _train("ldm4", "fp", 32, "bf16", 32, 90),
+        _train("ldm4", "binarydm", 8, "bf16", 32, 150, profile=0 if quick else 3),
+        _train("ldm4", "fp", 32, "bf16", 32, 90, profile=0 if quick else 3),
+        # Before/after of the fused attention core (bdm_jax.attention): the explicit einsum path, same card.
+        _train("ldm4", "fp", 32, "bf16", 32, 90, attention="explicit"),
+        _train("ldm4", "binarydm", 8, "bf16", 32, 150, attention="explicit"),
+        _train("ldm4", "binarydm", 32, "bf16", 32, 150),
+        _train("ldm4", "binarydm", 32, "bf16", 32, 150, attention="explicit"),
         _train("cifar10", "fp", 32, "bf16", 128, 60),
         _train("cifar10", "binarydm", 32, "bf16", 128, 80),
         _train("cifar10", "binarydm", 4, "bf16", 128, 80),

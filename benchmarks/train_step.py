@@ -15,7 +15,10 @@ Measured: trace+lower and compile seconds (AOT, `.lower().compile()`), XLA's FLO
 as library calls — `flops_source` says which), model FLOPs (2 x MACs of the UNet forward x batch x passes:
 FP 3 = forward + backward, QAT 4 = teacher forward + student forward + backward), the seconds of each
 step after warm-up (blocking on the step's outputs) -> median, and of a pipelined run (no blocking
-between steps), and the device memory counters (peak is the process peak: init + steps). A row that
+between steps), and the device memory counters (peak is the process peak: init + steps). With
+--profile_steps, a jax.profiler trace of that many more steps, broken down by op category (convolution,
+matmul, fused attention, fusions, copies), step phase (teacher forward, student forward/backward,
+optimizer) and model part (attention core, LSQ quantizers, binarizer, norms, ...) from XLA's op metadata. A row that
 fails (OOM, compile error) writes its JSON with status "oom"/"error" and the reason.
 Writes <out>/train/<name>.json.
 """
@@ -56,7 +59,8 @@ def _init_state(setup: Any, tx: Any, x0: Any, calib: int) -> tuple[Any, dict]:
     return state, times
 
 
-def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: int, quick: bool) -> dict:
+def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: int, quick: bool,
+            profile_steps: int = 0, profile_dir: str = "") -> dict:
     """Compile and time the train step of validated `cfg` at cfg.train.batch_size; returns the metrics."""
     import jax
     import jax.numpy as jnp
@@ -120,6 +124,14 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
     out["pipelined_steps"] = n_pipe
     out["loss_final"] = float(metrics["loss"])
     out["memory"] = common.memory_now()
+    if profile_steps:  # after the timing: tracing must not slow the timed steps
+        import jax.profiler
+
+        jax.profiler.start_trace(profile_dir)
+        for _ in range(profile_steps):
+            one_step()["loss"].block_until_ready()
+        jax.profiler.stop_trace()
+        out["profile"] = common.profile_breakdown(profile_dir, compiled.as_text(), profile_steps)
 
     med = out["timing"]["median_s"]
     out["step_ms"] = 1e3 * med
@@ -132,7 +144,7 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
 
 def run_row(*, out: str, model: str, method: str, act_bits: int, dtype: str, batch: int, quick: bool,
             steps: int = 20, max_time_s: float = 10.0, calib: int = 8, name: str = "", shrink_on_oom: int = 0,
-            note: str = "") -> dict:
+            note: str = "", attention_impl: str = "", profile_steps: int = 0) -> dict:
     """Measure one row and write <out>/train/<name>.json; never raises for a failing row."""
     import jax
 
@@ -149,9 +161,12 @@ def run_row(*, out: str, model: str, method: str, act_bits: int, dtype: str, bat
             rec["batch"] = b
             try:
                 cfg = common.model_config(model, method, act_bits, dtype, b, quick)
+                if attention_impl:
+                    cfg.model.attention_impl = attention_impl
                 rec["config"] = dict(model=cfg.model.to_dict(), quant=cfg.quant.to_dict(), method=cfg.method)
                 rec.update(measure(cfg, latents=model == "ldm4", steps=steps, max_time_s=max_time_s, calib=calib,
-                                   quick=quick))
+                                   quick=quick, profile_steps=profile_steps,
+                                   profile_dir=f"{out}/traces/{name}"))
                 rec["status"] = "ok"
                 break
             except Exception as e:
@@ -190,10 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shrink_on_oom", type=int, default=0, help="retries at 3/4 of the batch after an OOM")
     p.add_argument("--name", default="", help="row name (default from the arguments)")
     p.add_argument("--note", default="", help="free text stored with the row (e.g. how the batch was chosen)")
+    p.add_argument("--attention_impl", default="", choices=("", "auto", "explicit", "xla", "cudnn"),
+                   help="model.attention_impl for this row (default: the config's, auto)")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="after timing, trace this many steps and store the device-time breakdown in the row "
+                        "(by op category, step phase, model part; top ops); trace in <out>/traces/<name>")
     a = p.parse_args(argv)
     rec = run_row(out=a.out, model=a.model, method=a.method, act_bits=a.act_bits, dtype=a.dtype, batch=a.batch,
                   quick=a.quick, steps=a.steps, max_time_s=a.max_time_s, calib=a.calib, name=a.name,
-                  shrink_on_oom=a.shrink_on_oom, note=a.note)
+                  shrink_on_oom=a.shrink_on_oom, note=a.note, attention_impl=a.attention_impl,
+                  profile_steps=a.profile_steps)
     return 0 if rec.get("status") == "ok" else 1
 
 

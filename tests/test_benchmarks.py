@@ -181,3 +181,38 @@ def test_cost_flops_across_jax_versions():
     assert common.cost_flops(None) is None and common.cost_flops([{}]) is None
     assert common.pick_flops(100.0, 120.0) == (100.0, "compiled")
     assert common.pick_flops(10.0, 120.0)[0] == 120.0  # compiled count misses the convolutions
+
+
+def test_profile_breakdown_of_a_traced_step(tmp_path):
+    """A real jax.profiler trace of a small jitted function: every traced op is matched to the compiled HLO,
+    the groups add up to the total, and the phase/component rules read flax's op_name paths."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a, b: jnp.tanh(a @ b).sum() + jnp.sin(a).mean())
+    a = jnp.ones((128, 128)) * 0.01
+    compiled = f.lower(a, a).compile()
+    compiled(a, a).block_until_ready()
+    jax.profiler.start_trace(str(tmp_path))
+    for _ in range(2):
+        compiled(a, a).block_until_ready()
+    jax.profiler.stop_trace()
+    prof = common.profile_breakdown(str(tmp_path), compiled.as_text(), steps=2)
+    assert prof["ops_traced"] > 0 and prof["ops_matched_to_hlo"] == prof["ops_traced"]
+    assert prof["device_ms_per_step"] > 0
+    for group in ("by_category", "by_phase", "by_component"):
+        assert sum(r["share"] for r in prof[group]) == pytest.approx(1.0)
+    assert sum(r["ms_per_step"] for r in prof["by_category"]) == pytest.approx(prof["device_ms_per_step"])
+
+    info = common.hlo_instruction_info(compiled.as_text())
+    assert any(i["opcode"] == "fusion" for i in info.values())
+    assert common.op_phase("jit(step_fn)/transpose(jvp(UNet))/output_blocks_3/attn/qkv/dot_general") == "student backward"
+    assert common.op_phase("jit(step_fn)/jvp(UNet)/input_blocks_1/res/in_conv/conv_general_dilated") == "student forward"
+    assert common.op_phase("jit(step_fn)/UNet/middle_block/res_0/in_conv/conv_general_dilated") == "teacher forward"
+    assert common.op_phase("jit(step_fn)/add") == "optimizer/other"
+    assert common.op_component("jit(s)/jvp(UNet)/output_blocks_1/attn/attn_quant/round") == \
+        "attention-operand quantizers (LSQ)"
+    assert common.op_component("jit(s)/UNet/output_blocks_1/attn/einsum/dot_general") == "attention core"
+    assert common.op_component("jit(s)/UNet/input_blocks_1/res/in_conv/conv_general_dilated") == "convolution"
+    assert common.op_category({"opcode": "custom-call", "target": "__cudnn$fmhaSoftmax"}) == "fused attention"
+    assert common.op_category({"opcode": "custom-call", "target": "__cudnn$convForward"}) == "convolution"
