@@ -42,6 +42,13 @@ def get_config():
     c.diffusion.beta_schedule = "sqrt_linear"
     c.diffusion.beta_start = 0.0015
     c.diffusion.beta_end = 0.0195
+    set_ldm_qat_training(c)
+    return c
+
+
+def set_ldm_qat_training(c):
+    """BinaryDM's QAT recipe for the LDM UNets (SPEC §7, official code): AdamW wd 0.01, lr 8e-5, batch 4,
+    ~200k iterations, EMA; latent samples are not clipped to [-1, 1]. Shared by the LDM configs."""
     c.train.batch_size = 4
     c.train.lr = 8e-5
     c.train.steps = 200_000
@@ -49,5 +56,4 @@ def get_config():
     c.train.ema_decay = 0.9999
     c.train.save_every = 5000
     c.train.log_every = 100
-    c.sample.clip_denoised = False  # latents are not in [-1, 1]
-    return c
+    c.sample.clip_denoised = False

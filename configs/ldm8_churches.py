@@ -17,7 +17,7 @@ FID to compare with here (the LDM paper's FP model: FID 4.02 with 400 DDIM steps
 The CompVis model was trained with an L1 noise loss (loss_type: l1); BinaryDM's QAT uses the MSE of SPEC §7.
 """
 
-from configs import default
+from configs import default, ldm4_bedrooms
 
 
 def get_config():
@@ -52,13 +52,5 @@ def get_config():
     c.diffusion.beta_schedule = "sqrt_linear"
     c.diffusion.beta_start = 0.0015
     c.diffusion.beta_end = 0.0155
-    # BinaryDM QAT settings of the official LDM recipe (SPEC §7, as configs/ldm4_bedrooms.py).
-    c.train.batch_size = 4
-    c.train.lr = 8e-5
-    c.train.steps = 200_000
-    c.train.weight_decay = 0.01
-    c.train.ema_decay = 0.9999
-    c.train.save_every = 5000
-    c.train.log_every = 100
-    c.sample.clip_denoised = False  # latents are not in [-1, 1]
+    ldm4_bedrooms.set_ldm_qat_training(c)  # the official LDM QAT recipe (SPEC §7)
     return c
