@@ -259,7 +259,9 @@ def build_markdown(results: str) -> str:
     if summary:
         L += ["Command:", "", f"    {summary.get('command', 'python -m benchmarks.run_all')}", "",
               f"Started {summary.get('started', '?')}, budget {summary.get('budget_s', '?')} s, "
-              f"took {summary.get('elapsed_s', '?')} s.", ""]
+              f"took {summary.get('elapsed_s', '?')} s."
+              + (" Rows shared a persistent compilation/autotuning cache (`--compile_cache`): compile times after "
+                 "the first rows are not cold compiles." if summary.get("compile_cache") else ""), ""]
     L += ["Report: `python -m benchmarks.report --results=<dir>`. Method: each row in its own process; the step is "
           "the library's (`trainer.make_train_step` under `jax.jit(donate_argnums=0)`, state from `make_init_fn`), "
           "on a fixed random batch (CIFAR-10: 32x32x3 images; LDM-4: 64x64x3 latents, no autoencoder); compile = "

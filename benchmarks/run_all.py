@@ -164,8 +164,13 @@ def _load(path: str) -> dict | None:
         return None
 
 
-def child_env(quick: bool) -> dict:
+def child_env(quick: bool, compile_cache: str = "") -> dict:
     env = dict(os.environ)
+    if compile_cache:  # JAX's persistent cache; on GPU it also turns on XLA's per-fusion autotuning cache, so
+        # rows that share convolution shapes (FP / QAT / A-B twins) skip re-autotuning: compile_s then is not a
+        # cold compile (the summary and every row record it).
+        env.update(JAX_COMPILATION_CACHE_DIR=os.path.abspath(compile_cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # grow on demand: peak counters show real use
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the largest-batch rows may use the card
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -220,17 +225,19 @@ def _stub(path: str, row: Row, status: str, reason: str, **extra) -> dict:
 
 
 def run(out: str, *, quick: bool, budget_s: float, f32: bool = True, patterns: list[str] | None = None,
-        resume: bool = False, sample_act_bits: int = 32, rows: list[Row] | None = None) -> dict:
+        resume: bool = False, sample_act_bits: int = 32, rows: list[Row] | None = None,
+        compile_cache: str = "") -> dict:
     """Run the plan (or `rows`) into `out`; returns the summary (also <out>/summary.json)."""
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     rows = rows if rows is not None else plan(out, quick, f32, sample_act_bits)
     rows = select(rows, patterns)
-    env = child_env(quick)
+    env = child_env(quick, compile_cache)
     start = time.perf_counter()
     deadline = start + budget_s
     summary = dict(command=" ".join([os.path.basename(sys.executable), "-m", "benchmarks.run_all"] + sys.argv[1:]),
-                   quick=quick, budget_s=budget_s, started=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
+                   quick=quick, budget_s=budget_s, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   compile_cache=bool(compile_cache), rows=[])
     ratios: list[float] = []  # actual / estimated wall time of finished rows
     for row in rows:
         paths = [f"{out}/{o}" for o in row.outputs]
@@ -307,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample_act_bits", type=int, default=32, choices=(4, 8, 32),
                    help="activation bits of the binary sampling modes")
     p.add_argument("--list", action="store_true", help="print the rows and their estimates, run nothing")
+    p.add_argument("--compile_cache", default="", help="persistent compilation (+ GPU autotuning) cache directory "
+                   "shared by the rows: faster later compiles, which then are not cold compiles")
     a = p.parse_args(argv)
     patterns = [s for s in a.rows.split(",") if s]
     if a.list:
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"total ~{total:.0f} s (budget {a.budget_s:.0f} s)")
         return 0
     summary = run(a.out, quick=a.quick, budget_s=a.budget_s, f32=a.f32, patterns=patterns, resume=a.resume,
-                  sample_act_bits=a.sample_act_bits)
+                  sample_act_bits=a.sample_act_bits, compile_cache=a.compile_cache)
     bad = [r["name"] for r in summary["rows"] if r.get("status") not in ("ok", "kept", "skipped")]
     common.log(f"done in {summary['elapsed_s']:.0f} s; {len(bad)} rows failed{': ' + ', '.join(bad) if bad else ''}")
     return 0

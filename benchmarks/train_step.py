@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from typing import Any
@@ -155,6 +156,7 @@ def run_row(*, out: str, model: str, method: str, act_bits: int, dtype: str, bat
     try:
         rec["device"] = common.device_info()
         rec["matmul_precision"] = str(getattr(jax.config, "jax_default_matmul_precision", None))
+        rec["compile_cache"] = bool(os.environ.get("JAX_COMPILATION_CACHE_DIR"))  # compile_s then may be warm
         b = batch
         for attempt in range(shrink_on_oom + 1):
             common.log(f"{name}: batch {b}{' (quick: tiny model)' if quick else ''} ...")
