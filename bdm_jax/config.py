@@ -29,8 +29,8 @@ ADDED_MODEL_FIELDS = dict(flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, dow
                           use_spatial_transformer=False, transformer_depth=1, context_dim=512, cond_stage="none")
 COND_STAGES = ("none", "class")
 AUTOENCODER_KINDS = ("none", "vq", "kl")
-# Reliability fields (issue 10), filled in configs saved before them.
-ADDED_FIELDS = {"resume": "latest", "train.nan_policy": "stop"}
+# Fields added later (reliability, issue 10; quant.act_scale), filled in configs saved before them.
+ADDED_FIELDS = {"resume": "latest", "train.nan_policy": "stop", "quant.act_scale": "learned"}
 
 
 class ConfigError(ValueError):
@@ -234,6 +234,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_float(cfg, "quant.ebb_tau", 0.0)
     _check_int(cfg, "quant.ebb_transition_step", -1)
     _check_bool(cfg, "quant.quantize_attention")
+    _check_choice(cfg, "quant.act_scale", ("learned", "dynamic"))
     if q.fp_layers:
         try:
             re.compile(q.fp_layers)

@@ -150,7 +150,7 @@ def packed_plan(plan: QuantPlan, bases: Mapping[str, int], word_bits: int) -> Qu
     entries = {
         p: LayerSpec(bases=bases[p], act_bits=s.act_bits) if s.bases else s for p, s in plan.as_dict().items()
     }
-    return QuantPlan(tuple(sorted(entries.items())), packed=True, word_bits=word_bits)
+    return QuantPlan(tuple(sorted(entries.items())), packed=True, word_bits=word_bits, act_scale=plan.act_scale)
 
 
 def exported_bases(masks: Any, plan: QuantPlan, where: str) -> dict[str, int]:

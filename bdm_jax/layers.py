@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from bdm_jax import pack
-from bdm_jax.quant import init_scales, lsq_quantize, multi_basis_binarize
+from bdm_jax.quant import init_scales, lsq_init_step, lsq_quantize, multi_basis_binarize
 
 Dtype = Any
 
@@ -55,12 +55,16 @@ class QuantPlan:
     layers of a model (rules.enumerate_layers), never to train.
     `packed=True` is the exported inference model (bdm_jax.export): binarized layers read packed sign
     bits in `word_bits`-bit words and their `bases` are the exported ones.
+    `act_scale="dynamic"` is the official code's behaviour (SPEC §4): the LSQ step is recomputed from each
+    input (per layer, per forward, no gradient) instead of learned; the `act_step` params stay (unused) so
+    checkpoints of both modes have the same structure.
     """
 
     entries: tuple[tuple[str, LayerSpec], ...] = ()
     probe: bool = False
     packed: bool = False
     word_bits: int = 32
+    act_scale: str = "learned"  # learned: the LSQ step param; dynamic: 2 mean|x| / sqrt(Qp) of every input
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, LayerSpec]) -> "QuantPlan":
@@ -107,8 +111,11 @@ def quantize_input(module: nn.Module, spec: LayerSpec, x: jax.Array) -> jax.Arra
     # Calibration (bdm_jax.qat.init_student) reads this to set the step once from real activations.
     module.sow("calib", "act_absmean", jnp.mean(jnp.abs(x.astype(jnp.float32))))
     step = module.param("act_step", nn.initializers.ones, (), jnp.float32)
-    xq = lsq_quantize(x.astype(jnp.float32), step, spec.act_bits).astype(x.dtype)
     plan = getattr(module, "plan", None)
+    if plan is not None and plan.act_scale == "dynamic":
+        absmean = jnp.maximum(jnp.mean(jnp.abs(x.astype(jnp.float32))), 1e-8)  # a dead input: no step 0
+        step = jax.lax.stop_gradient(lsq_init_step(absmean, spec.act_bits))
+    xq = lsq_quantize(x.astype(jnp.float32), step, spec.act_bits).astype(x.dtype)
     if plan is not None and plan.packed:
         return xq  # exported model: every layer binarized, i.e. mask 1
     return jnp.where(_mask(module, "binarize") > 0, xq, x)

@@ -131,7 +131,7 @@ def build_plan(model_cfg: Any, quant_cfg: Any, layers: list[LayerInfo] | None = 
         k = bases[li.path]
         if k > 0:
             plan[li.path] = LayerSpec(bases=k, act_bits=act_bits)
-    return QuantPlan.from_dict(plan)
+    return QuantPlan(tuple(sorted(plan.items())), act_scale=quant_cfg.get("act_scale", "learned"))
 
 
 def plan_table(layers: list[LayerInfo], plan: QuantPlan) -> str:

@@ -114,6 +114,9 @@ def get_config() -> ml_collections.ConfigDict:
     # BinaryDM (SPEC §2-§7). Placeholders (None) take the value of `method`'s preset; set them to ablate.
     c.quant = ml_collections.ConfigDict()
     c.quant.act_bits = 32  # 32 (off) | 8 | 4
+    # LSQ step: learned (SPEC §4 decision: initialised once, then learned) | dynamic (the official code's
+    # accidental behaviour: recomputed as 2 mean|x| / sqrt(Qp) from every input, no gradient).
+    c.quant.act_scale = "learned"
     c.quant.num_bases = 2  # k of the multi-basis layers
     c.quant.multi_basis = config_dict.placeholder(bool)  # binarydm: True
     # Which blocks are multi-basis: -1 = by resolution (>= head_tail_min_ratio of the input, SPEC §3),

@@ -212,3 +212,64 @@ def test_ebb_regularizer():
     assert float(quant.ebb_regularizer([], 0.09)) == 0.0
     grad = jax.grad(lambda a: quant.ebb_regularizer([a, a2s[1]], 0.5))(jnp.asarray(a2s[0]))
     np.testing.assert_allclose(grad, [0.5 / 2 / 2] * 2, rtol=1e-6)  # tau / num_layers / len(a2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dynamic_act_scale_recomputes_the_step_from_each_input(bits):
+    """quant.act_scale='dynamic' (SPEC §4, the official code's behaviour): step = 2 mean|x| / sqrt(Qp) of the
+    input at hand, no gradient to the (unused) act_step param; 'learned' uses the param."""
+    import flax.linen as nn
+
+    from bdm_jax.layers import LayerSpec, QDense, QuantPlan
+
+    class Net(nn.Module):  # a parent, so the layer has the path "d" the plan names
+        plan: QuantPlan
+
+        @nn.compact
+        def __call__(self, x):
+            return QDense(8, plan=self.plan, name="d")(x)
+
+    spec = {"d": LayerSpec(bases=1, act_bits=bits)}
+    x = jax.random.normal(jax.random.key(0), (4, 16)) * 3.0
+    outs = {}
+    for mode in ("learned", "dynamic"):
+        net = Net(QuantPlan(tuple(spec.items()), act_scale=mode))
+        variables = net.init(jax.random.key(1), x)
+        params = dict(variables["params"]["d"], act_step=jnp.asarray(0.37))
+        apply = lambda p, x: net.apply({"params": {"d": p}, "masks": variables["masks"]}, x)  # noqa: E731
+        outs[mode] = apply(params, x)
+        w_b = quant.multi_basis_binarize(params["kernel"], params["scales"])
+        if mode == "dynamic":
+            qp = 2 ** (bits - 1) - 1
+            step = 2 * jnp.mean(jnp.abs(x)) / np.sqrt(qp)
+            want = quant.lsq_quantize(x, step, bits) @ w_b + params["bias"]
+            np.testing.assert_allclose(outs[mode], want, rtol=1e-5, atol=1e-5)
+            other = dict(params, act_step=jnp.asarray(5.0))
+            np.testing.assert_array_equal(apply(other, x), outs[mode])  # the param is not used
+            g = jax.grad(lambda p: jnp.sum(apply(p, x) ** 2))(params)
+            assert float(g["act_step"]) == 0.0
+            # Another batch gets its own step (not the first batch's).
+            x2 = 10.0 * x
+            want2 = quant.lsq_quantize(x2, 10.0 * step, bits) @ w_b + params["bias"]
+            np.testing.assert_allclose(apply(params, x2), want2, rtol=1e-4, atol=1e-3)
+        else:
+            want = quant.lsq_quantize(x, 0.37, bits) @ w_b + params["bias"]
+            np.testing.assert_allclose(outs[mode], want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(outs["learned"], outs["dynamic"])
+
+
+def test_act_scale_config_field():
+    from bdm_jax.config import ConfigError, validate
+    from bdm_jax.rules import build_plan
+    from configs import tiny
+
+    cfg = tiny.get_config()
+    del cfg.quant["act_scale"]  # a config saved before the field existed
+    assert validate(cfg).quant.act_scale == "learned"
+    cfg = tiny.get_config()
+    cfg.method, cfg.quant.act_bits, cfg.quant.act_scale = "binarydm", 8, "dynamic"
+    cfg = validate(cfg)
+    assert build_plan(cfg.model, cfg.quant).act_scale == "dynamic"
+    cfg.quant.act_scale = "per_batch"
+    with pytest.raises(ConfigError, match="quant.act_scale"):
+        validate(cfg)
