@@ -281,6 +281,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", default="all", help="comma-separated row names, 'comparison', 'ablation', "
                    "'investigation' or 'all' (= comparison and ablation)")
     p.add_argument("--docs", default=None, help="also write the Markdown report here (e.g. docs/results.md)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="XLA_FLAGS=--xla_gpu_deterministic_ops=true: bit-reproducible GPU training (slower), so a "
+                        "teacher retrained in another session is the same teacher")
     p.add_argument("--cache_dir", default=None, help="classifier / reference-stats cache (default <out>/cache)")
     args = p.parse_args(argv)
     if args.scale <= 0:
@@ -306,6 +309,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.deterministic:  # must be set before JAX starts its backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
     import jax
 
     from bdm_jax import evaluation
