@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bdm_jax.layers import QAct, QuantPlan, module_spec
+from bdm_jax.layers import QAct, QuantPlan
 
 IMPLS = ("auto", "explicit", "xla", "cudnn")
 _QUANT_NAMES = ("q_quant", "k_quant", "v_quant", "attn_quant")
@@ -41,14 +41,18 @@ def resolve_impl(impl: str, dtype: Any, head_dim: int) -> str:
     """The concrete implementation for an unquantized attention: "explicit", "xla" or "cudnn"."""
     if impl not in IMPLS:
         raise ValueError(f"model.attention_impl={impl!r}: allowed {IMPLS}")
-    if impl != "auto":
-        return impl
     fused_ok = (
         jax.default_backend() == "gpu"
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim <= 128
         and head_dim % 8 == 0
     )
+    if impl == "cudnn" and not fused_ok:  # say why here, not in a cuDNN error from inside the compiler
+        raise ValueError(f"model.attention_impl='cudnn' needs a GPU, model.dtype bfloat16/float16 and a head size "
+                         f"<= 128 divisible by 8 (have {jax.default_backend()}, {jnp.dtype(dtype).name}, "
+                         f"{head_dim}); use 'auto'")
+    if impl != "auto":
+        return impl
     return "cudnn" if fused_ok else "xla"
 
 

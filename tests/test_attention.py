@@ -78,6 +78,8 @@ def test_resolve_impl_and_config_check():
     if jax.default_backend() == "cpu":
         assert attention.resolve_impl("auto", jnp.bfloat16, 32) == "xla"
     assert attention.resolve_impl("auto", jnp.float32, 32) in ("xla",)
+    with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU"):
+        attention.resolve_impl("cudnn", jnp.float32, 32)  # float32 is never cuDNN's, on any backend
     cfg = tiny.get_config()
     cfg.model.attention_impl = "flash"
     with pytest.raises(ConfigError, match="model.attention_impl"):
