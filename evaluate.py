@@ -30,6 +30,8 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (defaul
 _STEPS = flags.DEFINE_integer("steps", None, "DDIM steps (default: the run's sample.steps; the paper uses 100).",
                               lower_bound=1)
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the run's sample.eta).", lower_bound=0.0)
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: the run's "
+                               "sample.guidance_scale; 1 = off).")
 _CACHE = flags.DEFINE_string("cache_dir", None, "Reference statistics / classifier cache (default: $BDM_CACHE_DIR "
                              "or ~/.cache/bdm_jax).")
 _INCEPTION = flags.DEFINE_string("inception_weights", None, "FID Inception weights (.pth or converted .npz); "
@@ -65,7 +67,7 @@ def main(argv):
     else:
         result = evaluation.evaluate_workdir(
             _WORKDIR.value, _NUM.value, _BATCH.value, seed=_SEED.value, sampler=_SAMPLER.value, steps=_STEPS.value,
-            eta=_ETA.value, **common)
+            eta=_ETA.value, guidance_scale=_GUIDANCE.value, **common)
         out = os.path.join(_WORKDIR.value, "eval", "metrics.json")
     print(evaluation.compare_table([dict(result, name=result.get("method", "samples"))]))
     print(f"wrote {out}")

@@ -21,6 +21,8 @@ _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "DDIM or ances
 _STEPS = flags.DEFINE_integer("steps", 100, "DDIM steps (ignored by ddpm).", lower_bound=1)
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic).", lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale of a class-conditional model "
+                               "with model.uncond_label (default: the run's sample.guidance_scale; 1 = off).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/samples or <packed>/../samples).")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "Multi-process start-up "
                                   "(jax.distributed.initialize); auto: when JAX_COORDINATOR_ADDRESS, srun, mpirun or a "
@@ -38,7 +40,7 @@ def main(argv):
 
     distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
     kw = dict(num=_NUM.value, batch_size=_BATCH.value, sampler=_SAMPLER.value, steps=_STEPS.value, eta=_ETA.value,
-              seed=_SEED.value, progress=True)
+              seed=_SEED.value, progress=True, guidance_scale=_GUIDANCE.value)
     if _PACKED.value:
         from bdm_jax.export import sample_packed
 

@@ -26,11 +26,13 @@ PRESETS = {
 # which are the behaviour of the code that wrote it.
 ADDED_MODEL_FIELDS = dict(flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, downsample_padding=1,
                           attention_impl="auto", use_scale_shift_norm=False, resblock_updown=False,
-                          use_spatial_transformer=False, transformer_depth=1, context_dim=512, cond_stage="none")
+                          use_spatial_transformer=False, transformer_depth=1, context_dim=512, cond_stage="none",
+                          uncond_label=-1)
 COND_STAGES = ("none", "class")
 AUTOENCODER_KINDS = ("none", "vq", "kl")
 # Fields added later (reliability, issue 10; quant.act_scale), filled in configs saved before them.
-ADDED_FIELDS = {"resume": "latest", "train.nan_policy": "stop", "quant.act_scale": "learned"}
+ADDED_FIELDS = {"resume": "latest", "train.nan_policy": "stop", "quant.act_scale": "learned",
+                "train.label_dropout": 0.0, "sample.guidance_scale": 1.0}
 
 
 class ConfigError(ValueError):
@@ -188,6 +190,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(cfg, "model.downsample_padding", (0, 1))
     _check_choice(cfg, "model.attention_impl", ("auto", "explicit", "xla", "cudnn"))
     _validate_ldm_variants(cfg)
+    _validate_guidance(cfg)
 
     _validate_autoencoder(cfg)
 
@@ -276,6 +279,22 @@ def _validate_ldm_variants(cfg: ml_collections.ConfigDict) -> None:
     elif m.use_spatial_transformer:
         _fail("model.use_spatial_transformer", True,
               "the cross-attention needs a context: set model.cond_stage='class' (with model.num_classes)")
+
+
+def _validate_guidance(cfg: ml_collections.ConfigDict) -> None:
+    """Classifier-free guidance: the 'no class' label, label dropout in training, the guidance scale."""
+    m = cfg.model
+    uncond = _check_int(cfg, "model.uncond_label", -1)
+    if uncond >= 0 and uncond >= m.num_classes:
+        _fail("model.uncond_label", uncond, f"must be a row of the class table: 0 .. model.num_classes-1 = "
+              f"{m.num_classes - 1} (or -1: none)")
+    drop = _check_float(cfg, "train.label_dropout", 0.0, 1.0)
+    if drop > 0 and uncond < 0:
+        _fail("train.label_dropout", drop, "needs model.uncond_label >= 0 (the label a dropped one becomes)")
+    scale = _check_float(cfg, "sample.guidance_scale", 0.0)
+    if scale != 1.0 and uncond < 0:
+        _fail("sample.guidance_scale", scale, "1.0 (off) unless model.uncond_label >= 0: guidance needs a model "
+              "trained with a 'no class' label")
 
 
 def _validate_autoencoder(cfg: ml_collections.ConfigDict) -> None:

@@ -485,7 +485,8 @@ def evaluate_workdir(workdir: str, num_samples: Optional[int] = None, batch_size
                      seed: int = 0, sampler: Optional[str] = None, steps: Optional[int] = None,
                      eta: Optional[float] = None, cache_dir: Optional[str] = None,
                      inception_weights: Optional[str] = None, ref_stats: Optional[str] = None,
-                     ref_num_images: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
+                     ref_num_images: Optional[int] = None, progress: bool = True,
+                     guidance_scale: Optional[float] = None) -> Dict[str, Any]:
     """Samples the newest checkpoint of ``workdir`` (EMA params), measures it against the training
     set's reference statistics, writes and returns ``<workdir>/eval/metrics.json``.
 
@@ -493,25 +494,17 @@ def evaluate_workdir(workdir: str, num_samples: Optional[int] = None, batch_size
     :func:`default_num_samples`; ``batch_size`` (per device) to ``sample.batch_size``. Samples go to
     ``<workdir>/eval/<sampler tag>/samples_<N>.npz`` (resumable shards next to it).
     """
-    from bdm_jax.config import validate
-    from bdm_jax.sampling import load_for_sampling
+    from bdm_jax.sampling import load_for_sampling, sampler_tag, with_sampler
     from bdm_jax.trainer import Setup
 
     t0 = time.time()
     cfg, params, masks, step = load_for_sampling(workdir)
-    with cfg.unlocked():
-        if sampler is not None:
-            cfg.sample.sampler = sampler
-        if steps is not None:
-            cfg.sample.steps = steps
-        if eta is not None:
-            cfg.sample.eta = eta
-    cfg = validate(cfg)
+    cfg = with_sampler(cfg, sampler, steps, eta, guidance_scale)
     setup = Setup.from_config(cfg)
     num = default_num_samples(cfg) if num_samples is None else num_samples
     bs = cfg.sample.batch_size if batch_size is None else batch_size
     s = cfg.sample
-    tag = f"{s.sampler}{s.steps if s.sampler == 'ddim' else ''}_eta{s.eta:g}_seed{seed}_step{step}_bs{bs}"
+    tag = f"{sampler_tag(cfg)}_eta{s.eta:g}_seed{seed}_step{step}_bs{bs}"
     eval_dir = os.path.join(workdir, "eval")
     out_dir = os.path.join(eval_dir, tag)
 
@@ -533,7 +526,8 @@ def evaluate_workdir(workdir: str, num_samples: Optional[int] = None, batch_size
     result.update(
         workdir=os.path.abspath(workdir), method=cfg.method, act_bits=int(cfg.quant.act_bits) if setup.quant else 32,
         checkpoint_step=int(step), num_samples=int(num), num_reference=int(ref.metadata.get("num_images", 0)),
-        sampler={"sampler": s.sampler, "steps": int(s.steps), "eta": float(s.eta), "seed": int(seed), "batch_size": bs},
+        sampler={"sampler": s.sampler, "steps": int(s.steps), "eta": float(s.eta), "seed": int(seed), "batch_size": bs,
+                 "guidance_scale": float(s.get("guidance_scale", 1.0))},
         feature_extractor=extractor.metadata(), weight_bytes=size["bytes"], fp32_weight_bytes=size["fp32_bytes"],
         compression=size["fp32_bytes"] / max(size["bytes"], 1), samples_npz=npz,
         grid=os.path.join(eval_dir, "grid.png"),

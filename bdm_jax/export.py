@@ -412,19 +412,19 @@ def load_packed(path: str, config: ml_collections.ConfigDict | None = None) -> P
 
 
 def sample_packed(path: str, out_dir: str, *, num: int, batch_size: int, sampler: str = "ddim", steps: int = 100,
-                  eta: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
+                  eta: float = 0.0, seed: int = 0, progress: bool = False,
+                  guidance_scale: float | None = None) -> dict:
     """Like sampling.sample_workdir, from a packed checkpoint: grid PNG (first 64) + uint8 .npz."""
     from bdm_jax import images
+    from bdm_jax.sampling import sampler_tag, with_sampler
     from bdm_jax.trainer import generate
 
     pm = load_packed(path)
-    with pm.cfg.unlocked():
-        pm.cfg.sample.sampler, pm.cfg.sample.steps, pm.cfg.sample.eta = sampler, steps, eta
-    pm.cfg = validate(pm.cfg)
+    pm.cfg = with_sampler(pm.cfg, sampler, steps, eta, guidance_scale)
     imgs = generate(pm.setup(), pm.params, {}, num, batch_size, seed, progress=progress)
     os.makedirs(out_dir, exist_ok=True)
     step = pm.manifest.get("source", {}).get("step", 0)
-    tag = f"packed_{sampler}{steps if sampler == 'ddim' else ''}_seed{seed}_step{step}"
+    tag = f"packed_{sampler_tag(pm.cfg)}_seed{seed}_step{step}"
     grid, npz = os.path.join(out_dir, f"sample_{tag}.png"), os.path.join(out_dir, f"sample_{tag}.npz")
     images.save_grid(imgs[:64], grid)
     images.save_npz(imgs, npz)

@@ -35,19 +35,36 @@ def load_for_sampling(workdir: str) -> tuple[ml_collections.ConfigDict, Any, Any
     return cfg, state["ema_params"], state.get("masks", {}), step
 
 
+def with_sampler(cfg: ml_collections.ConfigDict, sampler: str | None = None, steps: int | None = None,
+                 eta: float | None = None, guidance_scale: float | None = None) -> ml_collections.ConfigDict:
+    """`cfg` with the given sampler options (None: keep the run's `sample.*`), validated."""
+    with cfg.unlocked():
+        for key, value in (("sampler", sampler), ("steps", steps), ("eta", eta), ("guidance_scale", guidance_scale)):
+            if value is not None:
+                cfg.sample[key] = value
+    return validate(cfg)
+
+
+def sampler_tag(cfg: ml_collections.ConfigDict) -> str:
+    """Short name of the sampler settings for file names: ddim100, ddpm, + _g3 under classifier-free guidance."""
+    s = cfg.sample
+    tag = f"{s.sampler}{s.steps if s.sampler == 'ddim' else ''}"
+    guidance = s.get("guidance_scale", 1.0)
+    return tag + (f"_g{guidance:g}" if guidance != 1.0 else "")
+
+
 def sample_workdir(workdir: str, out_dir: str, *, num: int, batch_size: int, sampler: str = "ddim",
-                   steps: int = 100, eta: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
+                   steps: int = 100, eta: float = 0.0, seed: int = 0, progress: bool = False,
+                   guidance_scale: float | None = None) -> dict:
     """Generate `num` samples from a workdir; write grid PNG (first 64) and all as uint8 .npz."""
     from bdm_jax.trainer import Setup, generate
 
     cfg, params, masks, step = load_for_sampling(workdir)
-    with cfg.unlocked():
-        cfg.sample.sampler, cfg.sample.steps, cfg.sample.eta = sampler, steps, eta
-    cfg = validate(cfg)
+    cfg = with_sampler(cfg, sampler, steps, eta, guidance_scale)
     setup = Setup.from_config(cfg)
     imgs = generate(setup, params, masks, num, batch_size, seed, progress=progress)
     os.makedirs(out_dir, exist_ok=True)
-    tag = f"{sampler}{steps if sampler == 'ddim' else ''}_seed{seed}_step{step}"
+    tag = f"{sampler_tag(cfg)}_seed{seed}_step{step}"
     grid = os.path.join(out_dir, f"sample_{tag}.png")
     npz = os.path.join(out_dir, f"sample_{tag}.npz")
     if jax.process_index() == 0:  # multi-host: every process holds all samples; one writes them

@@ -146,6 +146,10 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation, mask_fn: Cal
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         k_noise, k_drop = jax.random.split(rng)
         x0, y = batch["image"], setup.labels(batch)
+        if y is not None and cfg.train.label_dropout > 0:  # classifier-free guidance training
+            # fold_in, not a third split: runs without label dropout keep their random streams.
+            drop = jax.random.bernoulli(jax.random.fold_in(rng, 1), cfg.train.label_dropout, y.shape)
+            y = jnp.where(drop, cfg.model.uncond_label, y).astype(y.dtype)
         x_t, t, eps = noisy_input(setup, x0, k_noise)
         masks = mask_fn(state.step)
         teacher_feats = None
@@ -192,6 +196,7 @@ def make_sample_fn(setup: Setup, num: int, mesh: Any = None) -> Callable:
     # Cycle through the data's classes: a class table may have more rows (cin256-v2: row 1000 = "no class").
     classes = min(cfg.data.num_classes, cfg.model.num_classes) if cfg.data.num_classes else cfg.model.num_classes
     labels = jnp.arange(num, dtype=jnp.int32) % classes if cfg.model.num_classes else None
+    guidance = float(s.get("guidance_scale", 1.0)) if labels is not None else 1.0
 
     codec = setup.codec
 
@@ -199,6 +204,13 @@ def make_sample_fn(setup: Setup, num: int, mesh: Any = None) -> Callable:
     def sample(params, masks, rng, codec_params):
         variables = {"params": params, "masks": masks} if setup.quant else {"params": params}
         model_fn = lambda x, t: constrain(setup.model.apply(variables, constrain(x), t, labels))  # noqa: E731
+        if guidance != 1.0:  # classifier-free guidance: conditional and 'no class' eps in one forward of 2N
+            def model_fn(x, t):
+                x = constrain(x)
+                y2 = jnp.concatenate([labels, jnp.full_like(labels, cfg.model.uncond_label)])
+                out = setup.model.apply(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]), y2)
+                cond, uncond = jnp.split(out, 2)
+                return constrain(uncond + guidance * (cond - uncond))
         x = diffusion.sample(model_fn, setup.sched, shape, rng, sampler=s.sampler, steps=s.steps, eta=s.eta,
                              spacing=s.spacing, clip_denoised=s.clip_denoised)
         if codec is not None:  # latent diffusion: decode the sampled latents to images

@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     # num_classes > 0 the labels are added to the time embedding, ADM's label_emb). class: CompVis'
     # ClassEmbedder inside the UNet, an FP num_classes x context_dim table giving context embedding(y)[:, None].
     c.model.cond_stage = "none"  # none | class
+    # The label that means "no class" for classifier-free guidance (cin256-v2: 1000, the extra row of its
+    # 1001-row class table); -1: the model has none. Not a shape field.
+    c.model.uncond_label = -1
 
     # Latent diffusion (SPEC §7, §11): a frozen FP first-stage autoencoder maps images to latents; only the
     # UNet is trained/binarized. The UNet then sees model.image_size = data.image_size / 2**(len(ch_mult)-1)
@@ -110,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
     # A NaN/inf loss term or gradient norm: stop (naming the step and the terms), or roll back to the last
     # checkpoint and skip that step's batch (the skip list is kept in <workdir>/skipped_batches.json).
     c.train.nan_policy = "stop"  # stop | rollback
+    # Probability of replacing a training label by model.uncond_label (classifier-free guidance training);
+    # the teacher and the student see the same labels.
+    c.train.label_dropout = 0.0
 
     # BinaryDM (SPEC §2-§7). Placeholders (None) take the value of `method`'s preset; set them to ablate.
     c.quant = ml_collections.ConfigDict()
@@ -158,5 +164,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.eta = 0.0
     c.sample.spacing = "uniform"  # uniform | quadratic
     c.sample.clip_denoised = True
+    # Classifier-free guidance of class-conditional models: eps_u + s (eps_c - eps_u) with eps_u at
+    # model.uncond_label (one batched forward of 2N). 1.0 = off (plain conditional sampling).
+    c.sample.guidance_scale = 1.0
     c.sample.seed = 0
     return c

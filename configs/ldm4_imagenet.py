@@ -15,8 +15,9 @@ in tfds' manual_dir):
         --config.autoencoder.path=workdirs/imagenet_fp/autoencoder
     python evaluate.py --workdir=workdirs/imagenet_w1a4 --inception_weights=pt_inception-2015-12-05-6726825d.pth
 Evaluation as the paper's (SPEC §8): DDIM 20 steps (sample.steps below), eta 0; samples cycle through the
-1000 classes, without classifier-free guidance (not implemented). SPEC.md carries no ImageNet number to
-compare with. There is no official BinaryDM ImageNet config; training settings follow configs/ldm4_bedrooms.py.
+1000 classes. Classifier-free guidance is off by default (`--config.sample.guidance_scale=3.0` is the LDM
+ImageNet notebook's setting; class 1000 is model.uncond_label); QAT with `--config.train.label_dropout=0.1`
+keeps the student's unconditional path trained. SPEC.md carries no ImageNet number to compare with. There is no official BinaryDM ImageNet config; training settings follow configs/ldm4_bedrooms.py.
 """
 
 from configs import ldm4_bedrooms
@@ -40,6 +41,7 @@ def get_config():
     c.model.transformer_depth = 1
     c.model.context_dim = 512
     c.model.cond_stage = "class"
+    c.model.uncond_label = 1000  # the "no class" row of the table (classifier-free guidance)
     c.diffusion.beta_end = 0.0195
     c.sample.steps = 20
     return c
