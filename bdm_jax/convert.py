@@ -26,6 +26,7 @@ with resampling ResBlocks) raise ConversionError naming the config.json field.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -226,6 +227,25 @@ def _level_blocks(model_cfg: Any):
     return ins, outs
 
 
+# Source names of a ResBlock's tensors (our layer -> the layout's module), diffusers ResnetBlock2D and
+# CompVis openaimodel ResBlock; the skip conv exists only where the channels change.
+_DIFFUSERS_RESBLOCK = dict(in_norm="norm1", in_conv="conv1", emb_dense="time_emb_proj", out_norm="norm2",
+                           out_conv="conv2", skip="conv_shortcut")
+_COMPVIS_RESBLOCK = dict(in_norm="in_layers.0", in_conv="in_layers.2", emb_dense="emb_layers.1",
+                         out_norm="out_layers.0", out_conv="out_layers.3", skip="skip_connection")
+
+
+def _resblock(t: "_Table", ours: str, src: str, names: Mapping[str, str]) -> None:
+    """One ResBlock (scale-shift and resampling variants have the same tensors) under `names`."""
+    t.norm(f"{ours}/in_norm/GroupNorm_0", f"{src}.{names['in_norm']}")
+    t.conv(f"{ours}/in_conv", f"{src}.{names['in_conv']}")
+    t.dense(f"{ours}/emb_dense", f"{src}.{names['emb_dense']}")
+    t.norm(f"{ours}/out_norm/GroupNorm_0", f"{src}.{names['out_norm']}")
+    t.conv(f"{ours}/out_conv", f"{src}.{names['out_conv']}")
+    if t.has(f"{src}.{names['skip']}.weight"):
+        t.conv(f"{ours}/skip", f"{src}.{names['skip']}")
+
+
 def _transformer(t: _Table, ours: str, src: str, depth: int) -> None:
     """A SpatialTransformer; CompVis (`ldm.modules.attention`) and diffusers (`Transformer2DModel` with
     use_linear_projection=False) name its tensors alike below `src`."""
@@ -263,14 +283,7 @@ def unet_from_diffusers(sd: StateDict, model_cfg: Any) -> dict:
     cls = "UNet2DConditionModel" if model_cfg.get("use_spatial_transformer", False) else "UNet2DModel"
     t = _Table(rename_deprecated_attention(sd), f"diffusers {cls}")
 
-    def res(ours: str, src: str) -> None:
-        t.norm(f"{ours}/in_norm/GroupNorm_0", f"{src}.norm1")
-        t.conv(f"{ours}/in_conv", f"{src}.conv1")
-        t.dense(f"{ours}/emb_dense", f"{src}.time_emb_proj")
-        t.norm(f"{ours}/out_norm/GroupNorm_0", f"{src}.norm2")
-        t.conv(f"{ours}/out_conv", f"{src}.conv2")
-        if t.has(f"{src}.conv_shortcut.weight"):
-            t.conv(f"{ours}/skip", f"{src}.conv_shortcut")
+    res = functools.partial(_resblock, t, names=_DIFFUSERS_RESBLOCK)
 
     def attn(ours: str, src: str, spec: dict) -> None:
         if spec["transformer_depth"]:
@@ -360,14 +373,7 @@ def unet_from_compvis(sd: StateDict, model_cfg: Any, prefix: str | None = None,
         sub[COMPVIS_CLASS_EMBEDDER] = sd[COMPVIS_CLASS_EMBEDDER]  # the LDM's cond_stage_model, beside the UNet
     t = _Table(sub, f"CompVis UNet ({prefix or 'no prefix'})")
 
-    def res(ours: str, src: str) -> None:
-        t.norm(f"{ours}/in_norm/GroupNorm_0", f"{src}.in_layers.0")
-        t.conv(f"{ours}/in_conv", f"{src}.in_layers.2")
-        t.dense(f"{ours}/emb_dense", f"{src}.emb_layers.1")
-        t.norm(f"{ours}/out_norm/GroupNorm_0", f"{src}.out_layers.0")
-        t.conv(f"{ours}/out_conv", f"{src}.out_layers.3")
-        if t.has(f"{src}.skip_connection.weight"):
-            t.conv(f"{ours}/skip", f"{src}.skip_connection")
+    res = functools.partial(_resblock, t, names=_COMPVIS_RESBLOCK)
 
     def attn(ours: str, src: str, spec: dict) -> None:
         if spec["transformer_depth"]:

@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from bdm_jax.metrics import apply_in_batches
+
 __all__ = [
     "DigitsCNN",
     "Classifier",
@@ -240,17 +242,7 @@ class Classifier:
         """All outputs in one pass: dict with 'logits', 'probs' [N, 10], 'features' [N, D],
         'spatial' [N, H/4, W/4, 64]."""
         x = self._validate(images)
-        n = x.shape[0]
-        b = min(self.batch_size, n)
-        chunks = []
-        for i in range(0, n, b):
-            xb = x[i:i + b]
-            m = xb.shape[0]
-            if m < b:  # pad to a fixed batch shape: one compilation per (b, shape)
-                xb = np.concatenate([xb, np.zeros((b - m,) + xb.shape[1:], np.float32)])
-            out = jax.device_get(self._apply(self.params, xb))
-            chunks.append({k: v[:m] for k, v in out.items()})
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        return apply_in_batches(lambda xb: self._apply(self.params, xb), x, self.batch_size)
 
     def features(self, images) -> np.ndarray:
         """Penultimate (post-SiLU) features, [N, feature_dim] float32: for FID and precision/recall."""

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdm_jax.metrics import apply_in_batches
+
 __all__ = [
     "FIDInceptionV3",
     "InceptionFeatures",
@@ -324,17 +326,7 @@ class InceptionFeatures:
 
     def outputs(self, images) -> Dict[str, np.ndarray]:
         x = self._validate(images)
-        n = x.shape[0]
-        b = min(self.batch_size, n)
-        chunks = []
-        for i in range(0, n, b):
-            xb = x[i:i + b]
-            m = xb.shape[0]
-            if m < b:  # fixed batch shape: one compilation
-                xb = np.concatenate([xb, np.zeros((b - m,) + xb.shape[1:], np.uint8)])
-            out = jax.device_get(self._apply(self.variables, xb))
-            chunks.append({k: v[:m] for k, v in out.items()})
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        return apply_in_batches(lambda xb: self._apply(self.variables, xb), x, self.batch_size)
 
     def metadata(self) -> Dict[str, Any]:
         return {"extractor": self.name, "weights": os.path.basename(self.source), "precision": self.precision}

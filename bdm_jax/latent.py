@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from bdm_jax.autoencoder import Autoencoder, load_params, posterior_latents, random_params
+from bdm_jax.data.pipeline import read_examples
 
 log = logging.getLogger("bdm_jax")
 
@@ -146,7 +147,7 @@ def cached_source(codec: Codec, source: Any, cfg: ml_collections.ConfigDict, wor
         labels = np.empty((n,), np.int32)
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
-            batch = _read(source, idx)
+            batch = read_examples(source, idx)
             imgs = batch["image"]
             if len(idx) < batch_size:  # pad the last batch: one compiled shape
                 imgs = np.concatenate([imgs, np.repeat(imgs[-1:], batch_size - len(idx), axis=0)])
@@ -162,13 +163,3 @@ def cached_source(codec: Codec, source: Any, cfg: ml_collections.ConfigDict, wor
     if len(moments) != n:
         raise ValueError(f"latent cache {path} has {len(moments)} examples but the dataset {n}; delete it")
     return MomentSource(moments, labels)
-
-
-def _read(source: Any, idx: np.ndarray) -> dict[str, np.ndarray]:
-    get_many = getattr(source, "get_examples", None)
-    if get_many is not None:
-        out = get_many(idx)
-        return {"image": np.asarray(out["image"], np.float32), "label": np.asarray(out["label"], np.int32)}
-    ex = [source[int(i)] for i in idx]
-    return {"image": np.stack([e["image"] for e in ex]).astype(np.float32),
-            "label": np.asarray([e["label"] for e in ex], np.int32)}

@@ -14,8 +14,9 @@ experiments use the digits classifier in :mod:`bdm_jax.digits_classifier`.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import jax
 import numpy as np
 import scipy.linalg
 
@@ -394,3 +395,24 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 2000)
     precision = float(_in_manifold(fake32, real32, real_radii, batch_size).mean())
     recall = float(_in_manifold(real32, fake32, fake_radii, batch_size).mean())
     return precision, recall
+
+
+def apply_in_batches(apply: Callable[[np.ndarray], Dict[str, Any]], x: np.ndarray,
+                     batch_size: int) -> Dict[str, np.ndarray]:
+    """Run a feature network's `apply(batch) -> {name: array}` over `x` in fixed-shape batches.
+
+    The last batch is zero-padded to the batch shape (one compilation) and the padding cut off again.
+    Shared by the FID Inception and the digits classifier.
+    """
+    n = x.shape[0]
+    b = min(batch_size, n)
+    chunks = []
+    for i in range(0, n, b):
+        xb = x[i:i + b]
+        m = xb.shape[0]
+        if m < b:
+            xb = np.concatenate([xb, np.zeros((b - m,) + xb.shape[1:], xb.dtype)])
+        out = jax.device_get(apply(xb))
+        chunks.append({k: v[:m] for k, v in out.items()})
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+

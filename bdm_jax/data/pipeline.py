@@ -113,7 +113,8 @@ def flip_mask(seed: int, step: int, positions: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(63)).astype(bool)
 
 
-def _read_examples(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
+def read_examples(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """{'image': float32 [n, H, W, C], 'label': int32 [n]} of `indices`, batched if the source can."""
     get_many = getattr(source, "get_examples", None)
     if get_many is not None:
         out = get_many(indices)
@@ -140,7 +141,7 @@ def get_batch(
     `random_flip`) are decided by `flip_mask(seed, step, global position)`. A pure function of its args."""
     sl = host_slice(global_batch_size, process_index, process_count)
     idx = batch_indices(step, global_batch_size, len(source), seed)[sl]
-    batch = _read_examples(source, idx)
+    batch = read_examples(source, idx)
     if random_flip:
         flip = flip_mask(seed, step, np.arange(sl.start, sl.stop))
         if flip.any():
