@@ -109,12 +109,12 @@ def quantize_input(module: nn.Module, spec: LayerSpec, x: jax.Array) -> jax.Arra
     if spec.act_bits >= 32:
         return x
     # Calibration (bdm_jax.qat.init_student) reads this to set the step once from real activations.
-    module.sow("calib", "act_absmean", jnp.mean(jnp.abs(x.astype(jnp.float32))))
+    absmean = jnp.mean(jnp.abs(x.astype(jnp.float32)))
+    module.sow("calib", "act_absmean", absmean)
     step = module.param("act_step", nn.initializers.ones, (), jnp.float32)
     plan = getattr(module, "plan", None)
-    if plan is not None and plan.act_scale == "dynamic":
-        absmean = jnp.maximum(jnp.mean(jnp.abs(x.astype(jnp.float32))), 1e-8)  # a dead input: no step 0
-        step = jax.lax.stop_gradient(lsq_init_step(absmean, spec.act_bits))
+    if plan is not None and plan.act_scale == "dynamic":  # a dead input (absmean 0) must not give step 0
+        step = jax.lax.stop_gradient(lsq_init_step(jnp.maximum(absmean, 1e-8), spec.act_bits))
     xq = lsq_quantize(x.astype(jnp.float32), step, spec.act_bits).astype(x.dtype)
     if plan is not None and plan.packed:
         return xq  # exported model: every layer binarized, i.e. mask 1
