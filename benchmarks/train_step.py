@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import os
 import sys
 import time
@@ -132,7 +133,10 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
         for _ in range(profile_steps):
             one_step()["loss"].block_until_ready()
         jax.profiler.stop_trace()
-        out["profile"] = common.profile_breakdown(profile_dir, compiled.as_text(), profile_steps)
+        hlo = compiled.as_text()
+        out["profile"] = common.profile_breakdown(profile_dir, hlo, profile_steps)
+        with gzip.open(os.path.join(profile_dir, "compiled_hlo.txt.gz"), "wt") as f:  # the ops the profile names
+            f.write(hlo)
 
     med = out["timing"]["median_s"]
     out["step_ms"] = 1e3 * med
