@@ -7,11 +7,19 @@ When nothing inside is quantized (the FP model, the teacher, W1A32 students), th
 `jax.nn.dot_product_attention`, which on GPU can run cuDNN's fused flash attention: the
 (batch, heads, tokens, tokens) logits never reach device memory (issue 9).
 
+When the softmax output is quantized, `bdm_jax.flash_lsq` (a Pallas kernel) computes the same core
+without the tensor either: it quantizes each tile of probabilities on chip (issue 9, change 2).
+
 `impl` (config `model.attention_impl`):
-* "explicit": always the einsum path (the reference the fused path is tested against);
-* "xla": jax.nn.dot_product_attention's XLA implementation when unquantized;
-* "cudnn": its cuDNN implementation when unquantized (GPU, bf16/fp16 only);
-* "auto": cudnn where it applies (GPU backend, bf16/fp16, head_dim <= 128 and a multiple of 8), else xla.
+* "explicit": always the einsum path (the reference the fused paths are tested against);
+* "xla": jax.nn.dot_product_attention's XLA implementation when unquantized; quantized: explicit;
+* "cudnn": its cuDNN implementation when unquantized (GPU, bf16/fp16 only); quantized: explicit;
+* "pallas": the flash_lsq kernel for every attention it can tile, quantized or not (interpreted off GPU:
+  slow, for tests);
+* "auto": unquantized: cudnn where it applies (GPU backend, bf16/fp16, head_dim <= 128 and a multiple of 8),
+  else xla; quantized: the flash_lsq kernel where it applies (GPU, bf16/fp16, tiles fit), else explicit.
+The kernel path is never taken while calibrating (`calib` mutable: the explicit quantizer records mean|P|)
+nor with `quant.act_scale='dynamic'` (its step comes from the explicit tensor's mean).
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bdm_jax.layers import QAct, QuantPlan
+from bdm_jax import flash_lsq
+from bdm_jax.layers import LSQStep, QAct, QuantPlan
 
-IMPLS = ("auto", "explicit", "xla", "cudnn")
+IMPLS = ("auto", "explicit", "xla", "cudnn", "pallas")
 _QUANT_NAMES = ("q_quant", "k_quant", "v_quant", "attn_quant")
 
 
@@ -56,6 +65,20 @@ def resolve_impl(impl: str, dtype: Any, head_dim: int) -> str:
     return "cudnn" if fused_ok else "xla"
 
 
+def _use_kernel(module: nn.Module, plan: QuantPlan | None, impl: str, dtype: Any, q_shape, k_shape) -> bool:
+    """Whether the softmax-and-values core runs the flash_lsq kernel (module doc)."""
+    if impl not in ("auto", "pallas") or module.is_mutable_collection("calib"):
+        return False
+    if plan is not None and plan.act_scale == "dynamic" and operands_quantized(module, plan):
+        return False
+    fits = not flash_lsq.supported(q_shape, k_shape, flash_lsq.KernelConfig(bits=None))
+    if impl == "pallas":
+        return fits
+    # "auto" gets here only with quantized operands (unquantized attention went to dot_product_attention).
+    on_gpu = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return on_gpu and fits
+
+
 def multihead_attention(
     module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, plan: QuantPlan | None, dtype: Any,
     impl: str = "auto",
@@ -65,7 +88,7 @@ def multihead_attention(
     Must be called inside `module`'s compact `__call__`: the quantizers are its submodules
     `q_quant`, `k_quant`, `v_quant`, `attn_quant` (the names the rules and the converters use).
     """
-    if impl != "explicit" and not operands_quantized(module, plan):
+    if impl not in ("explicit", "pallas") and not operands_quantized(module, plan):
         chosen = resolve_impl(impl, dtype, q.shape[-1])
         if chosen != "explicit":
             q, k, v = (a.astype(dtype) for a in (q, k, v))
@@ -73,6 +96,10 @@ def multihead_attention(
     q = QAct(plan, name="q_quant")(q)
     k = QAct(plan, name="k_quant")(k)
     v = QAct(plan, name="v_quant")(v)
+    if _use_kernel(module, plan, impl, dtype, q.shape, k.shape):
+        bits, step, on = LSQStep(plan, name="attn_quant")()
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+        return flash_lsq.lsq_flash_attention(q, k, v, step, on, bits=None if bits >= 32 else bits)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     weights = QAct(plan, name="attn_quant")(weights)

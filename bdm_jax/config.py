@@ -188,7 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("model.freq_shift", m.freq_shift, f"must be < model_channels // 2 = {m.model_channels // 2}")
     _check_float(cfg, "model.norm_eps", 0.0, 1.0, lo_open=True)
     _check_choice(cfg, "model.downsample_padding", (0, 1))
-    _check_choice(cfg, "model.attention_impl", ("auto", "explicit", "xla", "cudnn"))
+    _check_choice(cfg, "model.attention_impl", ("auto", "explicit", "xla", "cudnn", "pallas"))
     _validate_ldm_variants(cfg)
     _validate_guidance(cfg)
 

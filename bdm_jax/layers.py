@@ -246,6 +246,27 @@ class QAct(nn.Module):
         return quantize_input(self, module_spec(self, self.plan), x)
 
 
+class LSQStep(nn.Module):
+    """The variables of a QAct (its `act_step` param, its `binarize` mask) without applying it.
+
+    For a fused kernel that quantizes on chip (bdm_jax.flash_lsq): same name, same variables, so params,
+    masks and checkpoints are those of the QAct it stands in for. Returns (bits, step, mask); an exported
+    (packed) model's mask is 1, as in `quantize_input`.
+    """
+
+    plan: QuantPlan | None = None
+
+    @nn.compact
+    def __call__(self) -> tuple[int, jax.Array, jax.Array]:
+        spec = module_spec(self, self.plan)
+        if spec.act_bits >= 32:
+            return spec.act_bits, jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+        step = self.param("act_step", nn.initializers.ones, (), jnp.float32)
+        if self.plan is not None and self.plan.packed:
+            return spec.act_bits, step, jnp.ones((), jnp.float32)
+        return spec.act_bits, step, _mask(self, "binarize")
+
+
 def layer_paths(params: Mapping[str, Any]) -> Iterable[tuple[str, ...]]:
     """Module paths of all layers that own a `kernel` (conv/dense) or an `act_step` (QAct) in a params tree."""
     flat = flax_flatten(params)

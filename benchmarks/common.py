@@ -333,6 +333,8 @@ def op_category(info: dict, kernel: str = "") -> str:
     """Coarse kind of an HLO instruction: conv, matmul, attention (fused), elementwise/reduce fusion, copy, ..."""
     target, opcode, op_name = info.get("target", "").lower(), info.get("opcode", ""), info.get("op_name", "")
     text = f"{target} {kernel.lower()}"
+    if "lsq_flash" in text or "lsq_flash" in op_name or "pallas_call" in op_name:
+        return "fused attention (flash_lsq)"
     if "fmha" in text or "flash" in text or "dot_product_attention" in op_name:
         return "fused attention"
     if "conv" in target or opcode == "convolution":

@@ -129,12 +129,28 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
     if profile_steps:  # after the timing: tracing must not slow the timed steps
         import jax.profiler
 
+        traced, no_cmd_buffers = compiled, False
+        if jax.default_backend() == "gpu":
+            # XLA:GPU replays runs of kernels as CUDA graphs ("command buffers"); a trace then shows one opaque
+            # op per graph. The profiled executable is the same program compiled without them.
+            try:
+                traced = lowered.compile(compiler_options={"xla_gpu_enable_command_buffer": ""})
+                no_cmd_buffers = True
+            except Exception as e:  # profile the timed executable rather than lose the row
+                common.log(f"profile: recompiling without command buffers failed ({common.short_error(e)})")
+
+        def traced_step() -> Any:
+            holder["state"], metrics = traced(holder["state"], batch)
+            return metrics
+
+        traced_step()["loss"].block_until_ready()  # its first run outside the trace
         jax.profiler.start_trace(profile_dir)
         for _ in range(profile_steps):
-            one_step()["loss"].block_until_ready()
+            traced_step()["loss"].block_until_ready()
         jax.profiler.stop_trace()
-        hlo = compiled.as_text()
+        hlo = traced.as_text()
         out["profile"] = common.profile_breakdown(profile_dir, hlo, profile_steps)
+        out["profile"]["command_buffers_disabled"] = no_cmd_buffers
         with gzip.open(os.path.join(profile_dir, "compiled_hlo.txt.gz"), "wt") as f:  # the ops the profile names
             f.write(hlo)
 
@@ -211,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shrink_on_oom", type=int, default=0, help="retries at 3/4 of the batch after an OOM")
     p.add_argument("--name", default="", help="row name (default from the arguments)")
     p.add_argument("--note", default="", help="free text stored with the row (e.g. how the batch was chosen)")
-    p.add_argument("--attention_impl", default="", choices=("", "auto", "explicit", "xla", "cudnn"),
+    p.add_argument("--attention_impl", default="", choices=("", "auto", "explicit", "xla", "cudnn", "pallas"),
                    help="model.attention_impl for this row (default: the config's, auto)")
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, trace this many steps and store the device-time breakdown in the row "
