@@ -67,6 +67,11 @@ def supported(q_shape: tuple[int, ...], k_shape: tuple[int, ...], cfg: KernelCon
     return ""
 
 
+def _dot(a: Array, b: Array) -> Array:
+    """a @ b of two tiles with a float32 result (tensor cores on GPU for bf16 tiles)."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+
 def _round_half_even(x: Array) -> Array:
     """jnp.round (ties to even) from floor: Triton has no round-to-nearest-even op."""
     f = jnp.floor(x)
@@ -77,7 +82,7 @@ def _round_half_even(x: Array) -> Array:
 
 def _probs(q: Array, k: Array, m: Array, l: Array, scale: float) -> Array:
     """float32 softmax probabilities of one (query tile, key tile) from the rows' max m and sum l."""
-    s = pl.dot(q, k.T).astype(F32) * scale
+    s = _dot(q, k.T) * scale
     return jnp.exp(s - m[:, None]) / l[:, None]
 
 
@@ -112,7 +117,7 @@ def _fwd_kernel(qp_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale: floa
 
     def stats(j, carry):  # online max / sum of exp over the key tiles
         m, l = carry
-        s = pl.dot(q, k_ref[pl.ds(j * bk, bk), :].T).astype(F32) * scale
+        s = _dot(q, k_ref[pl.ds(j * bk, bk), :].T) * scale
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         return m_new, l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
 
@@ -123,7 +128,7 @@ def _fwd_kernel(qp_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale: floa
         sl = pl.ds(j * bk, bk)
         v = v_ref[sl, :]
         p = _quantized(_probs(q, k_ref[sl, :], m, l, scale), v.dtype, step, on, cfg.bits)
-        return o + pl.dot(p.astype(v.dtype), v).astype(F32)
+        return o + _dot(p.astype(v.dtype), v)
 
     o = lax.fori_loop(0, n_k, accumulate, jnp.zeros((bq, v_ref.shape[1]), F32))
     o_ref[...] = o.astype(o_ref.dtype)
@@ -143,7 +148,7 @@ def _bwd_rows_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, s
         sl = pl.ds(j * bk, bk)
         v = v_ref[sl, :]
         p = _probs(q, k_ref[sl, :], m, l, scale)
-        dp, terms = _quant_grads(p, pl.dot(do, v.T).astype(F32), v.dtype, step, on, cfg.bits)
+        dp, terms = _quant_grads(p, _dot(do, v.T), v.dtype, step, on, cfg.bits)
         return dsum + jnp.sum(p * dp, axis=1), sg + jnp.sum(terms, axis=1)
 
     zeros = jnp.zeros((bq,), F32)
@@ -163,7 +168,7 @@ def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref
 
     def grads(q, k, v, do, m, l, dd):  # (P', dS) of one tile pair
         p = _probs(q, k, m, l, scale)
-        dp, _ = _quant_grads(p, pl.dot(do, v.T).astype(F32), dtype, step, on, cfg.bits)
+        dp, _ = _quant_grads(p, _dot(do, v.T), dtype, step, on, cfg.bits)
         return _quantized(p, dtype, step, on, cfg.bits), p * (dp - dd[:, None]) * scale
 
     k_sl = pl.ds(i * bk, bk)
@@ -174,8 +179,8 @@ def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref
         sl = pl.ds(j * bq, bq)
         q, do = q_ref[sl, :], do_ref[sl, :]
         pu, ds = grads(q, k, v, do, m_ref[sl], l_ref[sl], d_ref[sl])
-        dv = dv + pl.dot(pu.astype(dtype).T, do).astype(F32)
-        return dk + pl.dot(ds.astype(q.dtype).T, q).astype(F32), dv
+        dv = dv + _dot(pu.astype(dtype).T, do)
+        return dk + _dot(ds.astype(q.dtype).T, q), dv
 
     zeros = jnp.zeros((bk, k_ref.shape[1]), F32)
     dk, dv = lax.fori_loop(0, t // bq, kv_body, (zeros, zeros))
@@ -189,7 +194,7 @@ def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref
         sl = pl.ds(j * bk, bk)
         k = k_ref[sl, :]
         _, ds = grads(q, k, v_ref[sl, :], do, m, l, dd)
-        return dq + pl.dot(ds.astype(k.dtype), k).astype(F32)
+        return dq + _dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, s // bk, q_body, jnp.zeros((bq, q_ref.shape[1]), F32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
