@@ -68,108 +68,122 @@ def supported(q_shape: tuple[int, ...], k_shape: tuple[int, ...], cfg: KernelCon
 
 
 def _dot(a: Array, b: Array) -> Array:
-    """a @ b of two tiles with a float32 result (tensor cores on GPU for bf16 tiles)."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+    """a @ b of two tiles with a float32 result (tensor cores for bf16 tiles; exact float32 for float32)."""
+    prec = lax.Precision.HIGHEST if a.dtype == F32 else None
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=F32)
 
 
-def _round_half_even(x: Array) -> Array:
-    """jnp.round (ties to even) from floor: Triton has no round-to-nearest-even op."""
-    f = jnp.floor(x)
-    frac = x - f
-    odd = f - 2.0 * jnp.floor(0.5 * f)  # 1 where f is odd
-    return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, f + odd))
+def _asm(op: str, x: Array) -> Array:
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.elementwise_inline_asm(f"{op} $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
-def _probs(q: Array, k: Array, m: Array, l: Array, scale: float) -> Array:
-    """float32 softmax probabilities of one (query tile, key tile) from the rows' max m and sum l."""
-    s = _dot(q, k.T) * scale
-    return jnp.exp(s - m[:, None]) / l[:, None]
+def _exp2(x: Array, cfg: KernelConfig) -> Array:
+    # One MUFU instruction on GPU (what cuDNN's and Triton's flash kernels use); libdevice's is ~10x the work.
+    return jnp.exp2(x) if cfg.interpret else _asm("ex2.approx.ftz.f32", x)
 
 
-def _quantized(p: Array, dtype, step: Array, on: Array, bits: int | None) -> Array:
-    """P' of a tile: P rounded to `dtype` (the explicit core's cast), then LSQ where `on` (float32)."""
-    p = p.astype(dtype).astype(F32)
-    if bits is None:
-        return p
-    qn, qp = _lsq_range(bits)
-    pq = _round_half_even(jnp.clip(p / step, qn, qp)) * step
-    return jnp.where(on > 0, pq.astype(dtype).astype(F32), p)
+def _round(x: Array, cfg: KernelConfig) -> Array:
+    # Round half to even, as jnp.round (the explicit quantizer); Triton has no op for it, PTX has one instruction.
+    return jnp.round(x) if cfg.interpret else _asm("cvt.rni.f32.f32", x)
 
 
-def _quant_grads(p: Array, dpq: Array, dtype, step: Array, on: Array, bits: int | None) -> tuple[Array, Array]:
-    """(dP, step-gradient terms dP' * d P'/d step) of a tile, given dP' (float32)."""
-    if bits is None:
-        return dpq, jnp.zeros_like(dpq)
-    qn, qp = _lsq_range(bits)
-    v = p.astype(dtype).astype(F32) / step
+def _bf(x: Array, dtype) -> Array:
+    """float32 x rounded to the operands' dtype and back: the explicit core's casts of P and P'."""
+    return x.astype(dtype).astype(F32)
+
+
+def _tile(q, k, lse2, qparams, dtype, scale2: float, cfg: KernelConfig):
+    """(P float32, P' float32, v = P/step, inside-range mask) of one (query tile, key tile).
+
+    P = 2^(s log2(e) / sqrt(d) - lse2) with lse2 the row's base-2 log-sum-exp: one FMA and one exp2 per
+    element. The quantizer divides by multiplying with 1/step (ulp-level differences from x / step).
+    """
+    p = _exp2(_dot(q, k.T) * scale2 - lse2[:, None], cfg)
+    pb = _bf(p, dtype)
+    if cfg.bits is None:
+        return p, pb, None, None
+    qn, qp = _lsq_range(cfg.bits)
+    step, on, inv_step = qparams
+    v = pb * inv_step
     inside = (v >= qn) & (v <= qp)
-    vc = jnp.clip(v, qn, qp)
-    on_ = on > 0
-    dp = jnp.where(on_ & ~inside, 0.0, dpq)
-    term = jnp.where(on_, _round_half_even(vc) - jnp.where(inside, vc, 0.0), 0.0)
-    return dp, dpq * term
+    pq = _bf(_round(jnp.clip(v, qn, qp), cfg) * step, dtype)
+    return p, jnp.where(on > 0, pq, pb), v, inside
 
 
-def _fwd_kernel(qp_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale: float, cfg: KernelConfig):
+def _dp(dpq: Array, inside, on) -> Array:
+    """dP from dP': straight through inside the LSQ range, 0 outside (where the quantizer is on)."""
+    return dpq if inside is None else jnp.where((on > 0) & ~inside, 0.0, dpq)
+
+
+def _params(qp_ref):
+    return qp_ref[0], qp_ref[1], qp_ref[2]
+
+
+def _fwd_kernel(qp_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale2: float, cfg: KernelConfig):
     q = q_ref[...]
     bq, bk = q.shape[0], min(cfg.block_k, k_ref.shape[0])
     n_k = k_ref.shape[0] // bk
 
-    def stats(j, carry):  # online max / sum of exp over the key tiles
+    def stats(j, carry):  # online max / sum of 2^s over the key tiles
         m, l = carry
-        s = _dot(q, k_ref[pl.ds(j * bk, bk), :].T) * scale
+        s = _dot(q, k_ref[pl.ds(j * bk, bk), :].T) * scale2
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        return m_new, l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+        return m_new, l * _exp2(m - m_new, cfg) + jnp.sum(_exp2(s - m_new[:, None], cfg), axis=1)
 
     m, l = lax.fori_loop(0, n_k, stats, (jnp.full((bq,), -jnp.inf, F32), jnp.zeros((bq,), F32)))
-    step, on = qp_ref[0], qp_ref[1]
+    lse2 = m + jnp.log2(l)
+    qparams = _params(qp_ref)
 
     def accumulate(j, o):
         sl = pl.ds(j * bk, bk)
         v = v_ref[sl, :]
-        p = _quantized(_probs(q, k_ref[sl, :], m, l, scale), v.dtype, step, on, cfg.bits)
-        return o + _dot(p.astype(v.dtype), v)
+        _, pu, _, _ = _tile(q, k_ref[sl, :], lse2, qparams, v.dtype, scale2, cfg)
+        return o + _dot(pu.astype(v.dtype), v)
 
     o = lax.fori_loop(0, n_k, accumulate, jnp.zeros((bq, v_ref.shape[1]), F32))
     o_ref[...] = o.astype(o_ref.dtype)
-    m_ref[...] = m
-    l_ref[...] = l
+    lse_ref[...] = lse2
 
 
-def _bwd_rows_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, sg_ref, *, scale: float,
+def _bwd_rows_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, sg_ref, *, scale2: float,
                      cfg: KernelConfig):
-    """Per query row: D = sum_j P dP (softmax backward) and sum_j of the step-gradient terms."""
-    q, do, m, l = q_ref[...], do_ref[...], m_ref[...], l_ref[...]
+    """Per query row: D = sum_j P dP (softmax backward) and sum_j of the step-gradient terms dP' dP'/dstep."""
+    q, do, lse2 = q_ref[...], do_ref[...], lse_ref[...]
     bq, bk = q.shape[0], min(cfg.block_b, k_ref.shape[0])
-    step, on = qp_ref[0], qp_ref[1]
+    qparams = _params(qp_ref)
+    step, on, _ = qparams
 
     def body(j, carry):
         dsum, sg = carry
         sl = pl.ds(j * bk, bk)
         v = v_ref[sl, :]
-        p = _probs(q, k_ref[sl, :], m, l, scale)
-        dp, terms = _quant_grads(p, _dot(do, v.T), v.dtype, step, on, cfg.bits)
-        return dsum + jnp.sum(p * dp, axis=1), sg + jnp.sum(terms, axis=1)
+        p, _, vq, inside = _tile(q, k_ref[sl, :], lse2, qparams, v.dtype, scale2, cfg)
+        dpq = _dot(do, v.T)
+        if inside is not None:
+            qn, qp = _lsq_range(cfg.bits)
+            vc = jnp.clip(vq, qn, qp)
+            sg = sg + jnp.sum(dpq * (_round(vc, cfg) - jnp.where(inside, vc, 0.0)), axis=1)
+        return dsum + jnp.sum(p * _dp(dpq, inside, on), axis=1), sg
 
     zeros = jnp.zeros((bq,), F32)
     dsum, sg = lax.fori_loop(0, k_ref.shape[0] // bk, body, (zeros, zeros))
     d_ref[...] = dsum
-    sg_ref[...] = sg
+    sg_ref[...] = jnp.where(on > 0, sg, 0.0)
 
 
-def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref, dk_ref, dv_ref, *,
-                scale: float, cfg: KernelConfig):
+def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dk_ref, dv_ref, *,
+                scale2: float, cfg: KernelConfig):
     """dK, dV of key tile i (loop over query tiles), then dQ of query tile i (loop over key tiles)."""
     i = pl.program_id(2)
     t, s = q_ref.shape[0], k_ref.shape[0]
     bq, bk = t // (s // min(cfg.block_b, s)), min(cfg.block_b, s)
-    step, on = qp_ref[0], qp_ref[1]
+    qparams = _params(qp_ref)
+    on = qparams[1]
     dtype = v_ref.dtype
-
-    def grads(q, k, v, do, m, l, dd):  # (P', dS) of one tile pair
-        p = _probs(q, k, m, l, scale)
-        dp, _ = _quant_grads(p, _dot(do, v.T), dtype, step, on, cfg.bits)
-        return _quantized(p, dtype, step, on, cfg.bits), p * (dp - dd[:, None]) * scale
+    scale = scale2 / math.log2(math.e)
 
     k_sl = pl.ds(i * bk, bk)
     k, v = k_ref[k_sl, :], v_ref[k_sl, :]
@@ -178,7 +192,8 @@ def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref
         dk, dv = carry
         sl = pl.ds(j * bq, bq)
         q, do = q_ref[sl, :], do_ref[sl, :]
-        pu, ds = grads(q, k, v, do, m_ref[sl], l_ref[sl], d_ref[sl])
+        p, pu, _, inside = _tile(q, k, lse_ref[sl], qparams, dtype, scale2, cfg)
+        ds = p * (_dp(_dot(do, v.T), inside, on) - d_ref[sl][:, None]) * scale
         dv = dv + _dot(pu.astype(dtype).T, do)
         return dk + _dot(ds.astype(q.dtype).T, q), dv
 
@@ -188,12 +203,13 @@ def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
     q_sl = pl.ds(i * bq, bq)
-    q, do, m, l, dd = q_ref[q_sl, :], do_ref[q_sl, :], m_ref[q_sl], l_ref[q_sl], d_ref[q_sl]
+    q, do, lse2, dd = q_ref[q_sl, :], do_ref[q_sl, :], lse_ref[q_sl], d_ref[q_sl]
 
     def q_body(j, dq):
         sl = pl.ds(j * bk, bk)
         k = k_ref[sl, :]
-        _, ds = grads(q, k, v_ref[sl, :], do, m, l, dd)
+        p, _, _, inside = _tile(q, k, lse2, qparams, dtype, scale2, cfg)
+        ds = p * (_dp(_dot(do, v_ref[sl, :].T), inside, on) - dd[:, None]) * scale
         return dq + _dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, s // bk, q_body, jnp.zeros((bq, q_ref.shape[1]), F32))
@@ -210,78 +226,82 @@ def _call(kernel, cfg: KernelConfig, grid, in_specs, out_specs, out_shape, name:
                           interpret=cfg.interpret, name=name, **params)(*args)
 
 
-def _forward(q, k, v, qparams, scale: float, cfg: KernelConfig):
+_QP = pl.BlockSpec((4,), lambda *_: (0,))  # (step, on, 1/step, pad): scalars every program reads
+
+
+def _forward(q, k, v, qparams, cfg: KernelConfig):
     b, t, h, d = q.shape
-    s = k.shape[1]
+    s, dv_ = k.shape[1], v.shape[-1]
     bq = min(cfg.block_q, t)
     tile = lambda i, bi, hi: (bi, i, hi, 0)  # noqa: E731
     whole = lambda i, bi, hi: (bi, 0, hi, 0)  # noqa: E731
     row = lambda i, bi, hi: (bi, hi, i)  # noqa: E731
     return _call(
-        functools.partial(_fwd_kernel, scale=scale, cfg=cfg), cfg, (t // bq, b, h),
-        [pl.BlockSpec((2,), lambda *_: (0,)), pl.BlockSpec((None, bq, None, d), tile),
-         pl.BlockSpec((None, s, None, d), whole), pl.BlockSpec((None, s, None, v.shape[-1]), whole)],
-        [pl.BlockSpec((None, bq, None, v.shape[-1]), tile), pl.BlockSpec((None, None, bq), row),
-         pl.BlockSpec((None, None, bq), row)],
-        [jax.ShapeDtypeStruct((b, t, h, v.shape[-1]), q.dtype), jax.ShapeDtypeStruct((b, h, t), F32),
-         jax.ShapeDtypeStruct((b, h, t), F32)],
+        functools.partial(_fwd_kernel, scale2=_scale2(d), cfg=cfg), cfg, (t // bq, b, h),
+        [_QP, pl.BlockSpec((None, bq, None, d), tile), pl.BlockSpec((None, s, None, d), whole),
+         pl.BlockSpec((None, s, None, dv_), whole)],
+        [pl.BlockSpec((None, bq, None, dv_), tile), pl.BlockSpec((None, None, bq), row)],
+        [jax.ShapeDtypeStruct((b, t, h, dv_), q.dtype), jax.ShapeDtypeStruct((b, h, t), F32)],
         "lsq_flash_fwd", qparams, q, k, v)
 
 
-def _backward(q, k, v, qparams, m, l, do, scale: float, cfg: KernelConfig):
+def _backward(q, k, v, qparams, lse2, do, cfg: KernelConfig):
     b, t, h, d = q.shape
     s, dv_ = k.shape[1], v.shape[-1]
     bq = t // (s // min(cfg.block_b, s))
-    qp_spec = pl.BlockSpec((2,), lambda *_: (0,))
     tile = lambda i, bi, hi: (bi, i, hi, 0)  # noqa: E731
     whole = lambda i, bi, hi: (bi, 0, hi, 0)  # noqa: E731
     row = lambda i, bi, hi: (bi, hi, i)  # noqa: E731
     dd, sg = _call(
-        functools.partial(_bwd_rows_kernel, scale=scale, cfg=cfg), cfg, (t // bq, b, h),
-        [qp_spec, pl.BlockSpec((None, bq, None, d), tile), pl.BlockSpec((None, s, None, d), whole),
+        functools.partial(_bwd_rows_kernel, scale2=_scale2(d), cfg=cfg), cfg, (t // bq, b, h),
+        [_QP, pl.BlockSpec((None, bq, None, d), tile), pl.BlockSpec((None, s, None, d), whole),
          pl.BlockSpec((None, s, None, dv_), whole), pl.BlockSpec((None, bq, None, dv_), tile),
-         pl.BlockSpec((None, None, bq), row), pl.BlockSpec((None, None, bq), row)],
+         pl.BlockSpec((None, None, bq), row)],
         [pl.BlockSpec((None, None, bq), row), pl.BlockSpec((None, None, bq), row)],
         [jax.ShapeDtypeStruct((b, h, t), F32), jax.ShapeDtypeStruct((b, h, t), F32)],
-        "lsq_flash_bwd_rows", qparams, q, k, v, do, m, l)
+        "lsq_flash_bwd_rows", qparams, q, k, v, do, lse2)
     # grid (batch, head, tile): program i owns key tile i (dK, dV) and query tile i (dQ)
     g_tile = lambda bi, hi, i: (bi, i, hi, 0)  # noqa: E731
     g_whole = lambda bi, hi, i: (bi, 0, hi, 0)  # noqa: E731
     g_rows = lambda bi, hi, i: (bi, hi, 0)  # noqa: E731
     bk = min(cfg.block_b, s)
     dq, dk, dv = _call(
-        functools.partial(_bwd_kernel, scale=scale, cfg=cfg), cfg, (b, h, s // bk),
-        [qp_spec, pl.BlockSpec((None, t, None, d), g_whole), pl.BlockSpec((None, s, None, d), g_whole),
+        functools.partial(_bwd_kernel, scale2=_scale2(d), cfg=cfg), cfg, (b, h, s // bk),
+        [_QP, pl.BlockSpec((None, t, None, d), g_whole), pl.BlockSpec((None, s, None, d), g_whole),
          pl.BlockSpec((None, s, None, dv_), g_whole), pl.BlockSpec((None, t, None, dv_), g_whole),
-         pl.BlockSpec((None, None, t), g_rows), pl.BlockSpec((None, None, t), g_rows),
-         pl.BlockSpec((None, None, t), g_rows)],
+         pl.BlockSpec((None, None, t), g_rows), pl.BlockSpec((None, None, t), g_rows)],
         [pl.BlockSpec((None, bq, None, d), g_tile), pl.BlockSpec((None, bk, None, d), g_tile),
          pl.BlockSpec((None, bk, None, dv_), g_tile)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
          jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        "lsq_flash_bwd", qparams, q, k, v, do, m, l, dd)
+        "lsq_flash_bwd", qparams, q, k, v, do, lse2, dd)
     return dq, dk, dv, sg
+
+
+def _scale2(d: int) -> float:
+    """The logits' scale 1/sqrt(d) times log2(e): the kernels work in base 2."""
+    return math.log2(math.e) / math.sqrt(d)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q: Array, k: Array, v: Array, qparams: Array, cfg: KernelConfig) -> Array:
-    return _forward(q, k, v, qparams, 1.0 / math.sqrt(q.shape[-1]), cfg)[0]
+    return _forward(q, k, v, qparams, cfg)[0]
 
 
 def _attention_fwd(q, k, v, qparams, cfg):
-    out, m, l = _forward(q, k, v, qparams, 1.0 / math.sqrt(q.shape[-1]), cfg)
-    return out, (q, k, v, qparams, m, l)
+    out, lse2 = _forward(q, k, v, qparams, cfg)
+    return out, (q, k, v, qparams, lse2)
 
 
 def _attention_bwd(cfg, res, do):
-    q, k, v, qparams, m, l = res
-    dq, dk, dv, sg = _backward(q, k, v, qparams, m, l, do.astype(q.dtype), 1.0 / math.sqrt(q.shape[-1]), cfg)
+    q, k, v, qparams, lse2 = res
+    dq, dk, dv, sg = _backward(q, k, v, qparams, lse2, do.astype(q.dtype), cfg)
     if cfg.bits is None:
         dstep = jnp.zeros((), F32)
     else:  # LSQ's gradient scale g = 1 / sqrt(numel(P) * Qp) (bdm_jax.quant.lsq_quantize)
         numel = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
         dstep = jnp.sum(sg) / math.sqrt(numel * _lsq_range(cfg.bits)[1])
-    return dq, dk, dv, jnp.stack([dstep, jnp.zeros((), F32)]).astype(qparams.dtype)
+    return dq, dk, dv, jnp.zeros_like(qparams).at[0].set(dstep)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -306,5 +326,6 @@ def lsq_flash_attention(q: Array, k: Array, v: Array, step: Array | float = 1.0,
         raise ValueError(f"lsq_flash_attention: {why} (q {q.shape}, k {k.shape}); use the explicit attention core")
     if bits is not None:
         _lsq_range(bits)  # the same error as the quantizer's for a width LSQ does not have
-    qparams = jnp.stack([jnp.asarray(step, F32), lax.stop_gradient(jnp.asarray(on, F32))])
+    step = jnp.asarray(step, F32)
+    qparams = jnp.stack([step, lax.stop_gradient(jnp.asarray(on, F32)), 1.0 / step, jnp.zeros((), F32)])
     return _attention(q, k, v, qparams, cfg)

@@ -149,7 +149,7 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
             traced_step()["loss"].block_until_ready()
         jax.profiler.stop_trace()
         hlo = traced.as_text()
-        out["profile"] = common.profile_breakdown(profile_dir, hlo, profile_steps)
+        out["profile"] = common.profile_breakdown(profile_dir, hlo, profile_steps, top=150)
         out["profile"]["command_buffers_disabled"] = no_cmd_buffers
         with gzip.open(os.path.join(profile_dir, "compiled_hlo.txt.gz"), "wt") as f:  # the ops the profile names
             f.write(hlo)
