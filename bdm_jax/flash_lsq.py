@@ -49,7 +49,7 @@ class KernelConfig:
     block_k: int = 64  # keys per inner step (forward); the backward uses block_b for both
     block_b: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3  # measured: 2.93 vs 3.19 ms (2 stages) fwd+bwd at 32x32, H200 (docs/PERF_NOTES.md)
     interpret: bool = False
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from bdm_jax import pack
-from bdm_jax.quant import init_scales, lsq_init_step, lsq_quantize, multi_basis_binarize
+from bdm_jax.quant import init_scales, lsq_init_step, lsq_quantize, lsq_select, multi_basis_binarize
 
 Dtype = Any
 
@@ -115,10 +115,9 @@ def quantize_input(module: nn.Module, spec: LayerSpec, x: jax.Array) -> jax.Arra
     plan = getattr(module, "plan", None)
     if plan is not None and plan.act_scale == "dynamic":  # a dead input (absmean 0) must not give step 0
         step = jax.lax.stop_gradient(lsq_init_step(jnp.maximum(absmean, 1e-8), spec.act_bits))
-    xq = lsq_quantize(x.astype(jnp.float32), step, spec.act_bits).astype(x.dtype)
-    if plan is not None and plan.packed:
-        return xq  # exported model: every layer binarized, i.e. mask 1
-    return jnp.where(_mask(module, "binarize") > 0, xq, x)
+    if plan is not None and plan.packed:  # exported model: every layer binarized, i.e. mask 1
+        return lsq_quantize(x.astype(jnp.float32), step, spec.act_bits).astype(x.dtype)
+    return lsq_select(x, step, _mask(module, "binarize"), spec.act_bits)
 
 
 def binarize_kernel(module: nn.Module, spec: LayerSpec, kernel: jax.Array) -> jax.Array:

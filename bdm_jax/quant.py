@@ -6,6 +6,7 @@ layout with output channels on the last axis: conv ``(kh, kw, c_in, c_out)``, de
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -117,6 +118,42 @@ def lsq_quantize(x: Array, step: Array, bits: int) -> Array:
     s = _scale_grad(jnp.asarray(step, jnp.float32), g)
     v = jnp.clip(x.astype(jnp.float32) / s, qn, qp)
     return (_round_ste(v) * s).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lsq_select(x: Array, step: Array, on: Array, bits: int) -> Array:
+    """``where(on > 0, lsq_quantize(x, step, bits), x)`` as one op with a hand-written VJP (issue 9).
+
+    The same function and gradients as the composition (tests/test_quant.py checks both), but the backward
+    is one pass over ``x`` and ``dy``: ``dx = dy * 1[inside or not on]`` and one reduction for ``d step``;
+    autodiff of the composition kept f32 ``x / s`` residuals and split the step gradient over several
+    reductions. ``on`` (the layer's progressive mask) gets no gradient. Quantizes in float32, returns
+    ``x``'s dtype; ``bits`` must be 4 or 8.
+    """
+    return _lsq_select_fwd(x, step, on, bits)[0]
+
+
+def _lsq_select_fwd(x, step, on, bits):
+    qn, qp = _lsq_range(bits)
+    s = jnp.asarray(step, jnp.float32)
+    xq = (jnp.round(jnp.clip(x.astype(jnp.float32) / s, qn, qp)) * s).astype(x.dtype)
+    return jnp.where(on > 0, xq, x), (x, s, on)
+
+
+def _lsq_select_bwd(bits, res, dy):
+    x, s, on = res
+    qn, qp = _lsq_range(bits)
+    v = x.astype(jnp.float32) / s
+    inside = (v >= qn) & (v <= qp)
+    vc = jnp.clip(v, qn, qp)
+    on_ = on > 0
+    dx = jnp.where(on_ & ~inside, jnp.zeros_like(dy), dy)
+    g = 1.0 / math.sqrt(x.size * qp)
+    ds = jnp.where(on_, g * jnp.sum(dy.astype(jnp.float32) * (jnp.round(vc) - jnp.where(inside, vc, 0.0))), 0.0)
+    return dx, ds.astype(s.dtype), jnp.zeros_like(on)
+
+
+lsq_select.defvjp(_lsq_select_fwd, _lsq_select_bwd)
 
 
 def lsq_init_step(x_absmean: Any, bits: int) -> Array:

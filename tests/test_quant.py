@@ -273,3 +273,43 @@ def test_act_scale_config_field():
     cfg.quant.act_scale = "per_batch"
     with pytest.raises(ConfigError, match="quant.act_scale"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("bits,on,dtype", [(8, 1.0, jnp.float32), (4, 1.0, jnp.float32), (8, 0.0, jnp.float32),
+                                           (4, 1.0, jnp.bfloat16)])
+def test_lsq_select_is_the_masked_composition_with_its_gradients(bits, on, dtype):
+    """The fused op of the train step (issue 9) computes where(on, lsq_quantize(x), x) and its autodiff grads."""
+    qn, qp = lsq_range(bits)
+    s = jnp.float32(0.25 if bits == 4 else 2.0**-6)  # powers of two: x / s is exact, so ties are real ties
+    x = jax.random.normal(jax.random.key(bits), (4, 6, 5, 7), jnp.float32) * (1.2 * float(s) * qp / 2.5)
+    x = x.astype(dtype)
+    dy = jax.random.normal(jax.random.key(9), x.shape, jnp.float32).astype(dtype)
+    on = jnp.float32(on)
+
+    def composed(a, b):
+        return jnp.where(on > 0, quant.lsq_quantize(a.astype(jnp.float32), b, bits).astype(a.dtype), a)
+
+    def fused(a, b):
+        return quant.lsq_select(a, b, on, bits)
+
+    # 1 ulp apart at most: lsq_quantize's round_ste forms v + (round(v) - v), the fused op round(v).
+    np.testing.assert_allclose(np.asarray(fused(x, s), np.float32), np.asarray(composed(x, s), np.float32),
+                               rtol=2e-7 if dtype == jnp.float32 else 0, atol=0)
+    loss = lambda f: lambda a, b: jnp.sum(f(a, b).astype(jnp.float32) * dy.astype(jnp.float32))  # noqa: E731
+    gx, gs = jax.grad(loss(fused), argnums=(0, 1))(x, s)
+    ex, es = jax.grad(loss(composed), argnums=(0, 1))(x, s)
+    assert gx.dtype == dtype
+    # Inside the range autodiff's dx is dy * s * (1/s) (1 ulp off dy); the fused op passes dy itself.
+    np.testing.assert_allclose(np.asarray(gx, np.float32), np.asarray(ex, np.float32),
+                               rtol=2e-7 if dtype == jnp.float32 else 8e-3, atol=0)
+    assert int(jnp.sum(gx == 0)) == int(jnp.sum(ex == 0))  # the same clipped elements get no gradient
+    if on:
+        v = np.asarray(x, np.float64) / float(s)
+        assert ((v < qn) | (v > qp)).any() and float(jnp.abs(es)) > 0  # clipping and a step gradient exercised
+        inside = (v >= qn) & (v <= qp)
+        term = np.where(inside, np.round(v) - v, np.clip(np.round(v), qn, qp))
+        want = np.sum(np.asarray(dy, np.float64) * term) / np.sqrt(x.size * qp)  # SPEC §4 in float64
+        np.testing.assert_allclose(float(gs), want, rtol=1e-4)
+        np.testing.assert_allclose(float(gs), float(es), rtol=1e-4)
+    else:
+        assert float(gs) == 0.0 and float(es) == 0.0
