@@ -280,8 +280,12 @@ def build_markdown(results: str) -> str:
     L += ["### QAT / FP", ""] + ratio_table(data["train"]) + [""]
     L += ["### Attention core: fused (auto) vs explicit", "",
           "`model.attention_impl=auto` runs unquantized attention (FP model, teacher forward, W1A32 students) through "
-          "`jax.nn.dot_product_attention` (cuDNN flash attention on GPU in bf16); attention with quantized operands "
-          "(W1A8/W1A4 students) stays explicit. Same function (tests/test_attention.py).", ""]
+          "`jax.nn.dot_product_attention` (cuDNN flash attention on GPU in bf16); attention whose softmax output is "
+          "LSQ-quantized (W1A8/W1A4 students) runs the `bdm_jax.flash_lsq` Pallas kernel (quantizes each tile of "
+          "probabilities on chip). Explicit = the einsum-softmax-einsum core with every tensor in memory. Same "
+          "function (tests/test_attention.py, tests/test_flash_lsq.py). Rows measured before the fused quantized "
+          "path existed are labelled by their `attention_impl` only; see docs/PERF_NOTES.md for which code each ran.",
+          ""]
     L += attention_table(data["train"]) + [""]
     prof = profile_section(data["train"])
     if prof:
