@@ -37,7 +37,26 @@ def _load_dir(results: str) -> dict:
         summary=load(f"{results}/summary.json"),
         train=sorted((r for r in (load(p) for p in glob.glob(f"{results}/train/*.json")) if r), key=_order),
         sample=sorted((r for r in (load(p) for p in glob.glob(f"{results}/sample/*.json")) if r), key=_order),
+        attention_core=load(f"{results}/attention_core.json"),
     )
+
+
+def attention_core_table(rec: dict | None) -> list[str]:
+    """benchmarks.attention_core: fwd+bwd of one quantized attention core, explicit vs flash_lsq tile choices."""
+    if not rec:
+        return []
+    out = [f"`python -m benchmarks.attention_core` (LSQ {rec.get('bits')}-bit softmax output, bf16, forward + backward "
+           "of one attention core; errors are relative L2 against the float32 explicit function):", "",
+           "| level | (B, T, H, d) | variant | fwd+bwd ms | err out | err dq | err dk | err dv | status |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rec.get("rows", []):
+        ok = r.get("status") == "ok"
+        e = r.get("rel_err_grads_vs_f32") or {}
+        out.append(f"| {r['shape']} | {tuple(r['dims'])} | {r['variant']} | "
+                   f"{_f(r.get('fwd_bwd_ms'), '.3f') if ok else '-'} | {_f(r.get('rel_err_out_vs_f32'), '.1e')} | "
+                   f"{_f(e.get('q'), '.1e')} | {_f(e.get('k'), '.1e')} | {_f(e.get('v'), '.1e')} | "
+                   f"{_status(r) + (' (' + r['error'] + ')' if not ok and r.get('error') else '')} |")
+    return out + [""]
 
 
 def _f(x, fmt: str = ".1f", none: str = "-") -> str:
@@ -286,7 +305,7 @@ def build_markdown(results: str) -> str:
           "function (tests/test_attention.py, tests/test_flash_lsq.py). Rows measured before the fused quantized "
           "path existed are labelled by their `attention_impl` only; see docs/PERF_NOTES.md for which code each ran.",
           ""]
-    L += attention_table(data["train"]) + [""]
+    L += attention_table(data["train"]) + [""] + attention_core_table(data.get("attention_core"))
     prof = profile_section(data["train"])
     if prof:
         L += ["### Where the time goes (device trace)", "",

@@ -52,8 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.freq_shift = 0  # time-embedding freqs exp(-ln(1e4) i / (half - freq_shift)), i < half
     c.model.norm_eps = 1e-5  # GroupNorm epsilon
     c.model.downsample_padding = 1  # 1: conv pad 1; 0: pad bottom/right by 1 then conv pad 0 (TF "SAME")
-    # Unquantized attention core (bdm_jax.attention): auto = cuDNN flash attention on GPU in bf16/fp16,
-    # else XLA; explicit = einsum/softmax/einsum. Same function; quantized attention is always explicit.
+    # Attention core (bdm_jax.attention): auto = unquantized: cuDNN flash attention on GPU in bf16/fp16, else
+    # XLA; LSQ-quantized softmax output: the flash_lsq Pallas kernel on GPU in bf16/fp16, else explicit.
+    # explicit = einsum/softmax/einsum; xla / cudnn force those for unquantized attention; pallas = flash_lsq
+    # for every attention it can tile (interpreted off GPU: slow, for tests). Same function in every case.
     c.model.attention_impl = "auto"
     # LDM openaimodel variants (all off: the DDPM / LDM-4 Bedrooms UNet). Shape-relevant: a checkpoint of
     # one setting does not load into another.
