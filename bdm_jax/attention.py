@@ -17,7 +17,7 @@ without the tensor either: it quantizes each tile of probabilities on chip (issu
 * "pallas": the flash_lsq kernel for every attention it can tile, quantized or not (interpreted off GPU:
   slow, for tests);
 * "auto": unquantized: cudnn where it applies (GPU backend, bf16/fp16, head_dim <= 128 and a multiple of 8),
-  else xla; quantized: the flash_lsq kernel where it applies (GPU, bf16/fp16, tiles fit), else explicit.
+  else xla; quantized: the flash_lsq kernel where it applies (one GPU, bf16/fp16, tiles fit), else explicit.
 The kernel path is never taken while calibrating (`calib` mutable: the explicit quantizer records mean|P|)
 nor with `quant.act_scale='dynamic'` (its step comes from the explicit tensor's mean).
 """
@@ -75,8 +75,11 @@ def _use_kernel(module: nn.Module, plan: QuantPlan | None, impl: str, dtype: Any
     if impl == "pallas":
         return fits
     # "auto" gets here only with quantized operands (unquantized attention went to dot_product_attention).
+    # One device only: under a sharded jit XLA cannot split the kernel's custom call over the batch (it
+    # would gather and compute it whole on every device); not yet wrapped in shard_map, so several devices
+    # keep the explicit core.
     on_gpu = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return on_gpu and fits
+    return on_gpu and fits and jax.device_count() == 1
 
 
 def multihead_attention(

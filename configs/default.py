@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.norm_eps = 1e-5  # GroupNorm epsilon
     c.model.downsample_padding = 1  # 1: conv pad 1; 0: pad bottom/right by 1 then conv pad 0 (TF "SAME")
     # Attention core (bdm_jax.attention): auto = unquantized: cuDNN flash attention on GPU in bf16/fp16, else
-    # XLA; LSQ-quantized softmax output: the flash_lsq Pallas kernel on GPU in bf16/fp16, else explicit.
+    # XLA; LSQ-quantized softmax output: the flash_lsq Pallas kernel on one GPU in bf16/fp16, else explicit.
     # explicit = einsum/softmax/einsum; xla / cudnn force those for unquantized attention; pallas = flash_lsq
     # for every attention it can tile (interpreted off GPU: slow, for tests). Same function in every case.
     c.model.attention_impl = "auto"
