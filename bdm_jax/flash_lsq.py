@@ -98,10 +98,12 @@ def _bf(x: Array, dtype) -> Array:
 
 
 def _tile(q, k, lse2, qparams, dtype, scale2: float, cfg: KernelConfig):
-    """(P float32, P' float32, v = P/step, inside-range mask) of one (query tile, key tile).
+    """(P, P', dP'/dstep, inside-range mask) of one (query tile, key tile), float32.
 
     P = 2^(s log2(e) / sqrt(d) - lse2) with lse2 the row's base-2 log-sum-exp: one FMA and one exp2 per
     element. The quantizer divides by multiplying with 1/step (ulp-level differences from x / step).
+    dP'/dstep = round(v) - v inside the range, Qn/Qp outside (before the mask; only the rows kernel uses it,
+    the compiler drops it elsewhere).
     """
     p = _exp2(_dot(q, k.T) * scale2 - lse2[:, None], cfg)
     pb = _bf(p, dtype)
@@ -111,8 +113,9 @@ def _tile(q, k, lse2, qparams, dtype, scale2: float, cfg: KernelConfig):
     step, on, inv_step = qparams
     v = pb * inv_step
     inside = (v >= qn) & (v <= qp)
-    pq = _bf(_round(jnp.clip(v, qn, qp), cfg) * step, dtype)
-    return p, jnp.where(on > 0, pq, pb), v, inside
+    vc = jnp.clip(v, qn, qp)
+    r = _round(vc, cfg)
+    return p, jnp.where(on > 0, _bf(r * step, dtype), pb), r - jnp.where(inside, vc, 0.0), inside
 
 
 def _dp(dpq: Array, inside, on) -> Array:
@@ -156,18 +159,16 @@ def _bwd_rows_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, sg_ref
     q, do, lse2 = q_ref[...], do_ref[...], lse_ref[...]
     bq, bk = q.shape[0], min(cfg.block_b, k_ref.shape[0])
     qparams = _params(qp_ref)
-    step, on, _ = qparams
+    on = qparams[1]
 
     def body(j, carry):
         dsum, sg = carry
         sl = pl.ds(j * bk, bk)
         v = v_ref[sl, :]
-        p, _, vq, inside = _tile(q, k_ref[sl, :], lse2, qparams, v.dtype, scale2, cfg)
+        p, _, dstep, inside = _tile(q, k_ref[sl, :], lse2, qparams, v.dtype, scale2, cfg)
         dpq = _dot(do, v.T)
         if inside is not None:
-            qn, qp = _lsq_range(cfg.bits)
-            vc = jnp.clip(vq, qn, qp)
-            sg = sg + jnp.sum(dpq * (_round(vc, cfg) - jnp.where(inside, vc, 0.0)), axis=1)
+            sg = sg + jnp.sum(dpq * dstep, axis=1)
         return dsum + jnp.sum(p * _dp(dpq, inside, on), axis=1), sg
 
     zeros = jnp.zeros((bq,), F32)

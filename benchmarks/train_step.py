@@ -104,8 +104,8 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
     holder = {"state": state}
     del state
 
-    def one_step() -> Any:
-        holder["state"], metrics = compiled(holder["state"], batch)
+    def one_step(executable: Any = compiled) -> Any:
+        holder["state"], metrics = executable(holder["state"], batch)
         return metrics
 
     for _ in range(2):  # warm-up: first executions (allocator growth, autotuning caches)
@@ -139,14 +139,10 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
             except Exception as e:  # profile the timed executable rather than lose the row
                 common.log(f"profile: recompiling without command buffers failed ({common.short_error(e)})")
 
-        def traced_step() -> Any:
-            holder["state"], metrics = traced(holder["state"], batch)
-            return metrics
-
-        traced_step()["loss"].block_until_ready()  # its first run outside the trace
+        one_step(traced)["loss"].block_until_ready()  # its first run outside the trace
         jax.profiler.start_trace(profile_dir)
         for _ in range(profile_steps):
-            traced_step()["loss"].block_until_ready()
+            one_step(traced)["loss"].block_until_ready()
         jax.profiler.stop_trace()
         hlo = traced.as_text()
         out["profile"] = common.profile_breakdown(profile_dir, hlo, profile_steps, top=150)
