@@ -230,6 +230,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if k > narrowest:
             _fail("quant.lrm_k", k, f"must be <= the channels of every block (the narrowest has {narrowest})")
     _check_float(cfg, "quant.lrm_lambda", 0.0)
+    _check_choice(cfg, "quant.lrm_precision", ("features", "float32"))
     _check_bool(cfg, "quant.progressive")
     _check_int(cfg, "quant.progressive_interval", 1)
     _check_choice(cfg, "quant.progressive_grouping", ("block", "level"))

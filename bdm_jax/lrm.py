@@ -15,6 +15,7 @@ Array = jax.Array
 
 # Default TPU matmul precision for float32 is bf16 passes; the PCA and the projection are meant in float32.
 _PRECISION = jax.lax.Precision.HIGHEST
+LRM_PRECISIONS = ("features", "float32")  # quant.lrm_precision
 
 
 def lrm_rank(channels: int, k: int) -> int:
@@ -62,23 +63,32 @@ def lrm_loss(
     teacher_feats: Mapping[str, Array],
     projections: Mapping[str, Array],
     lam: float = 1e-4,
+    precision: str = "float32",
 ) -> Array:
     """``L_LRM = lam / M * sum_i mean((F_s,i @ E_i - F_t,i @ E_i)^2)`` over M blocks (SPEC §5).
 
-    Teacher features and the (fixed) projections get no gradient; projection is in float32 whatever the
-    feature dtype. Returns a float32 scalar.
+    Teacher features and the (fixed) projections get no gradient. ``precision`` (config ``quant.lrm_precision``):
+    ``float32`` projects float32 operands at HIGHEST precision whatever the feature dtype; ``features`` projects
+    in the student features' dtype (bf16 under bf16 compute: the operands are rounded to it, products accumulate
+    in float32), which under bf16 is one tensor-core pass instead of float32 FMA (issue 9). Returns a float32 scalar.
     """
+    if precision not in LRM_PRECISIONS:
+        raise ValueError(f"lrm precision={precision!r} is not allowed: one of {', '.join(LRM_PRECISIONS)}")
     names = _check_keys(
         student_feats=student_feats, teacher_feats=teacher_feats, projections=projections
     )
     total = jnp.zeros((), jnp.float32)
     for name in names:
-        f_s = jnp.asarray(student_feats[name], jnp.float32)
+        f_s = jnp.asarray(student_feats[name])
+        dtype = f_s.dtype if precision == "features" else jnp.float32
         f_t = jax.lax.stop_gradient(jnp.asarray(teacher_feats[name], jnp.float32))
         e = jax.lax.stop_gradient(jnp.asarray(projections[name], jnp.float32))
-        # Projection is linear: (F_s - F_t) @ E is one matmul instead of two.
-        diff = jnp.matmul(f_s - f_t, e, precision=_PRECISION)
-        total = total + jnp.mean(jnp.square(diff))
+        # Projection is linear: (F_s - F_t) @ E is one matmul instead of two. The difference is formed in float32
+        # (exact for bf16 inputs of similar size), then rounded to the operand dtype.
+        diff = (f_s.astype(jnp.float32) - f_t).astype(dtype)
+        proj = jnp.matmul(diff, e.astype(dtype), precision=_PRECISION if dtype == jnp.float32 else None,
+                          preferred_element_type=jnp.float32)
+        total = total + jnp.mean(jnp.square(proj))
     return lam / len(names) * total
 
 

@@ -164,7 +164,7 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation, mask_fn: Cal
             eps_pred, feats = (out[0], block_features(out[1])) if use_lrm else (out, None)
             terms = {"mse": diffusion.eps_loss(eps_pred, eps)}
             if use_lrm and q.lrm == "pca":
-                terms["lrm"] = lrm_loss(feats, teacher_feats, state.lrm_proj, q.lrm_lambda)
+                terms["lrm"] = lrm_loss(feats, teacher_feats, state.lrm_proj, q.lrm_lambda, q.lrm_precision)
             elif use_lrm:
                 terms["lrm_mse"] = feature_mse_loss(feats, teacher_feats, q.lrm_lambda)
             if use_ebb:

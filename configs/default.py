@@ -138,6 +138,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.lrm = config_dict.placeholder(str)  # pca | mse | none ; binarydm: pca
     c.quant.lrm_k = 4
     c.quant.lrm_lambda = 1e-4
+    # LRM projection operands: features = the features' dtype (bf16 under bf16 compute, float32 accumulation);
+    # float32 = float32 at HIGHEST precision (the only behaviour before issue 9's change 4).
+    c.quant.lrm_precision = "features"
     c.quant.progressive = config_dict.placeholder(bool)  # binarydm: True
     c.quant.progressive_interval = 1  # steps between rings (SPEC §6)
     c.quant.progressive_grouping = "block"  # block | level

@@ -112,6 +112,37 @@ def test_lrm_loss_gradient_only_reaches_student():
         np.testing.assert_allclose(g_s[n], 1e-4 / 2 * 2 / numel * d @ e @ e.T, rtol=1e-4, atol=1e-12)
 
 
+def test_lrm_precision_features_projects_in_the_feature_dtype():
+    """quant.lrm_precision=features (issue 9, change 4): bf16 operands, float32 accumulation; value and student
+    gradient within bf16 rounding of the float32 computation, and float32 features keep the float32 result."""
+    rng = np.random.default_rng(7)
+    # Wide blocks, a student close to its teacher: the case where rounding the operands could matter most.
+    teacher = {"a": rng.normal(size=(4, 8, 8, 64)).astype(np.float32),
+               "b": rng.normal(size=(4, 4, 4, 128)).astype(np.float32)}
+    student = {n: v + 0.05 * rng.normal(size=v.shape).astype(np.float32) for n, v in teacher.items()}
+    proj = lrm.fit_projections(teacher, 4)
+    bf = lambda d: {n: jnp.asarray(v).astype(jnp.bfloat16) for n, v in d.items()}  # noqa: E731
+    up = lambda d: {n: v.astype(jnp.float32) for n, v in d.items()}  # noqa: E731
+
+    def loss(prec, s):
+        return lrm.lrm_loss(s, bf(teacher), proj, 1e-4, prec)
+
+    ref, g_ref = jax.value_and_grad(lambda s: loss("float32", up(s)))(bf(student))
+    fast, g_fast = jax.jit(jax.value_and_grad(lambda s: loss("features", s)))(bf(student))
+    chex.assert_type(fast, jnp.float32)
+    assert float(fast) != float(ref)  # the operands really were rounded to bf16
+    np.testing.assert_allclose(fast, ref, rtol=2e-3)
+    for n in teacher:
+        chex.assert_type(g_fast[n], jnp.bfloat16)
+        g, r = np.asarray(g_fast[n], np.float32), np.asarray(g_ref[n], np.float32)
+        assert np.linalg.norm(g - r) <= 1e-2 * np.linalg.norm(r)
+    # float32 features: "features" is the float32 computation.
+    np.testing.assert_allclose(lrm.lrm_loss(student, teacher, proj, 1e-4, "features"),
+                               lrm.lrm_loss(student, teacher, proj, 1e-4, "float32"), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"lrm precision='bf16' is not allowed: one of features, float32"):
+        lrm.lrm_loss(student, teacher, proj, 1e-4, "bf16")
+
+
 def test_feature_mse_loss_matches_numpy():
     teacher, student = block_feats(4), block_feats(5)
     expected = 0.5 / 2 * sum(np.mean((student[n] - teacher[n]).astype(np.float64) ** 2) for n in teacher)

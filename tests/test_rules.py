@@ -101,6 +101,10 @@ def test_bad_quant_values_are_rejected():
     cfg.quant.act_bits = 6
     with pytest.raises(ConfigError, match="quant.act_bits=6"):
         validate(cfg)
+    cfg = ddpm_cifar10.get_config()
+    cfg.quant.lrm_precision = "bf16"
+    with pytest.raises(ConfigError, match="quant.lrm_precision='bf16'.*features"):
+        validate(cfg)
 
 
 # ------------------------------------------------------------------- LDM variants (SPEC §3 on §11's models)
