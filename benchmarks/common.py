@@ -101,6 +101,35 @@ def model_config(model: str, method: str, act_bits: int, dtype: str, batch: int,
     return validate(cfg)
 
 
+def set_config(cfg: Any, key: str, value: str) -> None:
+    """cfg.<key> = value parsed as the field's current type (str, bool, int, float, tuple via literal_eval)."""
+    import ast
+
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part, None)
+        if node is None:
+            raise BenchError(f"--set {key}={value!r}: the config has no field {key!r}")
+    if leaf not in node:
+        raise BenchError(f"--set {key}={value!r}: the config has no field {key!r}")
+    old = node[leaf]
+    try:
+        if isinstance(old, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            new: Any = value.lower() in ("true", "1")
+        elif isinstance(old, (int, float)):
+            new = type(old)(value)
+        elif isinstance(old, (tuple, list)):
+            new = tuple(ast.literal_eval(value))
+        else:
+            new = value
+    except (ValueError, SyntaxError) as e:
+        raise BenchError(f"--set {key}={value!r}: not a {type(old).__name__} ({e})") from None
+    node[leaf] = new
+
+
 def forward_flops_per_sample(model_cfg: Any) -> float:
     """Model FLOPs of one UNet forward of one sample: 2 x (conv/dense MACs + attention-matmul MACs)."""
     from bdm_jax.efficiency import layer_shapes

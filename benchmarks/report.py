@@ -113,15 +113,20 @@ def _attn(rec: dict) -> str:
     return model.get("attention_impl", "explicit")
 
 
+def _overrides(rec: dict) -> dict:
+    """Config overrides of an A/B row (train_step --set); {} for a default-config row."""
+    return rec.get("overrides") or {}
+
+
 def _status(rec: dict) -> str:
     s = rec.get("status", "?")
     return s if s == "ok" else f"**{s}**"
 
 
 def train_table(rows: list[dict], peak_tflops: float | None) -> list[str]:
-    out = ["| row | model | method | dtype | batch | step ms | img/s | pipelined ms | pipelined img/s | XLA TFLOP/s | "
-           "MFU | model TFLOP/s | model MFU | peak GiB | compile s | status |",
-           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| row | model | method | dtype | batch | step ms | img/s | pipelined ms | pipelined img/s | "
+           "host dispatch ms | XLA TFLOP/s | MFU | model TFLOP/s | model MFU | peak GiB | compile s | status |",
+           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ok = r.get("status") == "ok"
         gib, est = peak_gib(r) if ok else (None, False)
@@ -131,6 +136,7 @@ def train_table(rows: list[dict], peak_tflops: float | None) -> list[str]:
             _f(r.get("step_ms")) if ok else "-", _f(r.get("img_per_s")) if ok else "-",
             _f(1e3 * r["pipelined_step_s"]) if ok and r.get("pipelined_step_s") else "-",
             _f(r.get("img_per_s_pipelined")) if ok else "-",
+            _f(1e3 * r["dispatch_timing"]["median_s"]) if ok and r.get("dispatch_timing") else "-",
             (_f(r.get("tflops_xla")) + ("" if _compiled_flops(r) else "†")) if ok else "-",
             _f(mfu(r.get("tflops_xla"), peak_tflops), ".1%") if ok else "-",
             _f(r.get("tflops_model")) if ok else "-", _f(mfu(r.get("tflops_model"), peak_tflops), ".1%") if ok else "-",
@@ -142,7 +148,7 @@ def train_table(rows: list[dict], peak_tflops: float | None) -> list[str]:
 
 def ratio_table(rows: list[dict]) -> list[str]:
     """QAT / FP step time, peak memory and compile time at the same model, dtype and batch."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("status") == "ok" and not _overrides(r)]
     fp = {(r["model"], r["dtype"], r["batch"], _attn(r)): r for r in ok if r.get("method") == "fp"}
     out = ["| model | dtype | batch | attention | QAT | FP ms | QAT ms | QAT / FP time | QAT / FP peak memory | "
            "QAT / FP compile |",
@@ -163,7 +169,7 @@ def ratio_table(rows: list[dict]) -> list[str]:
 
 def attention_table(rows: list[dict]) -> list[str]:
     """The fused attention core (model.attention_impl=auto) against the explicit einsum path, same row otherwise."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("status") == "ok" and not _overrides(r)]
     key = lambda r: (r["model"], r.get("method"), r.get("act_bits"), r["dtype"], r["batch"])  # noqa: E731
     explicit = {key(r): r for r in ok if _attn(r) == "explicit" and r["name"].endswith("-attn_explicit")}
     out = ["| model | method | dtype | batch | explicit ms | auto (fused where unquantized) ms | speed-up | "
@@ -178,6 +184,27 @@ def attention_table(rows: list[dict]) -> list[str]:
                    f"{r['step_ms']:.1f} | {e['step_ms'] / r['step_ms']:.2f}x | {_f(peak_gib(e)[0], '.2f')} | "
                    f"{_f(peak_gib(r)[0], '.2f')} |")
     return out if n else ["(no explicit / auto attention pair measured)"]
+
+
+def override_table(rows: list[dict]) -> list[str]:
+    """A/B rows (train_step --set KEY=VALUE) against the default-config row of the same model, method, batch."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    key = lambda r: (r["model"], r.get("method"), r.get("act_bits"), r["dtype"], r["batch"], _attn(r))  # noqa: E731
+    base = {key(r): r for r in ok if not _overrides(r)}
+    dev = lambda r: _f((r.get("profile") or {}).get("device_ms_per_step"))  # noqa: E731
+    out = ["| row | override | override: step ms | pipelined ms | device ms | peak GiB | default: step ms | "
+           "pipelined ms | device ms | peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    n = 0
+    for r in ok:
+        b = base.get(key(r))
+        if not _overrides(r) or b is None:
+            continue
+        n += 1
+        pipe = lambda x: _f(1e3 * x["pipelined_step_s"]) if x.get("pipelined_step_s") else "-"  # noqa: E731
+        ov = ", ".join(f"`{k}={v}`" for k, v in _overrides(r).items())
+        out.append(f"| {r['name']} | {ov} | {r['step_ms']:.1f} | {pipe(r)} | {dev(r)} | {_f(peak_gib(r)[0], '.2f')} | "
+                   f"{b['step_ms']:.1f} | {pipe(b)} | {dev(b)} | {_f(peak_gib(b)[0], '.2f')} |")
+    return out if n else []
 
 
 def profile_section(rows: list[dict], top: int = 10) -> list[str]:
@@ -206,7 +233,7 @@ def profile_section(rows: list[dict], top: int = 10) -> list[str]:
 
 def official_table(rows: list[dict], device: str) -> list[str]:
     ref = common.OFFICIAL_REFERENCE
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("model") == "ldm4"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("model") == "ldm4" and not _overrides(r)]
     out = [f"| setting | official PyTorch ({ref['card']}, fp32): ms | img/s | peak GiB | bdm-jax ({device}) row | "
            "ms | img/s | pipelined img/s | peak GiB | speed-up (img/s) | speed-up (pipelined) |",
            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -290,13 +317,21 @@ def build_markdown(results: str) -> str:
           "on a fixed random batch (CIFAR-10: 32x32x3 images; LDM-4: 64x64x3 latents, no autoencoder); compile = "
           "`.lower().compile()`; step time = median of blocking steps after 2 warm-up steps; FLOPs = XLA cost "
           "analysis of the compiled step; model FLOPs = 2 x UNet MACs x batch x passes (FP 3, QAT with LRM 4: "
-          "teacher forward + student forward + backward); peak = the process's `peak_bytes_in_use` (init + steps).",
+          "teacher forward + student forward + backward); peak = the process's `peak_bytes_in_use` (init + steps); "
+          "pipelined = steps dispatched back to back, as a training loop runs them; host dispatch = median time "
+          "until a blocked step's call returns (argument checks, buffer donation, kernel launches).",
           ""]
     L += ["## Training step", ""] + train_table(data["train"], peak_tf) + [""]
     if any(not _compiled_flops(r) for r in data["train"] if r.get("status") == "ok"):
         L += ["† the compiled step's cost analysis missed most FLOPs (library calls); these use the unoptimized "
               "HLO's count.", ""]
     L += ["### QAT / FP", ""] + ratio_table(data["train"]) + [""]
+    ab = override_table(data["train"])
+    if ab:
+        L += ["### A/B rows: one config field changed", "",
+              "Each row below is a default-config row with one field set back (`train_step --set KEY=VALUE`), to "
+              "measure a change on the same card in the same run; device ms = the profiled kernel time per step where "
+              "the row was traced.", ""] + ab + [""]
     L += ["### Attention core: fused (auto) vs explicit", "",
           "`model.attention_impl=auto` runs unquantized attention (FP model, teacher forward, W1A32 students) through "
           "`jax.nn.dot_product_attention` (cuDNN flash attention on GPU in bf16); attention whose softmax output is "
@@ -319,7 +354,7 @@ def build_markdown(results: str) -> str:
           + (" (a different card: compare the ratios with care)." if "H200" not in device else ".")
           + f" Goal: {common.OFFICIAL_REFERENCE['goal']}.", ""] + official_table(data["train"], device) + [""]
     goal = [r for r in data["train"] if r.get("status") == "ok" and r.get("model") == "ldm4" and r.get("batch") == 32
-            and r.get("method") == "binarydm" and r.get("act_bits") == 8]
+            and r.get("method") == "binarydm" and r.get("act_bits") == 8 and not _overrides(r)]
     if goal:
         best = max(goal, key=lambda r: r["img_per_s"])
         factor = best["img_per_s"] / 53.3

@@ -50,11 +50,15 @@ class Row:
 
 
 def _train(model: str, method: str, bits: int, dtype: str, batch: int | str, est: float, quick_est: float = 30.0,
-           batch_from=None, attention: str = "", profile: int = 0) -> Row:
-    name = train_step.row_name(model, method, bits, dtype, batch) + (f"-attn_{attention}" if attention else "")
+           batch_from=None, attention: str = "", profile: int = 0, overrides: dict[str, str] | None = None) -> Row:
+    overrides = overrides or {}
+    name = (train_step.row_name(model, method, bits, dtype, batch) + (f"-attn_{attention}" if attention else "")
+            + "".join(f"-{k.split('.')[-1]}_{v}" for k, v in overrides.items()))
     args = ["--model", model, "--method", method, "--act_bits", str(bits), "--dtype", dtype, "--name", name]
     if attention:  # A/B of the attention core (issue 9): the same step with model.attention_impl=<attention>
         args += ["--attention_impl", attention]
+    for k, v in overrides.items():  # A/B of one config field: the same step with <k>=<v>
+        args += ["--set", f"{k}={v}"]
     if profile:
         args += ["--profile_steps", str(profile)]
     if batch_from is None:
@@ -62,7 +66,7 @@ def _train(model: str, method: str, bits: int, dtype: str, batch: int | str, est
     else:
         args += ["--shrink_on_oom", "1"]
     meta = dict(model=model, method=method, act_bits=32 if method == "fp" else bits, dtype=dtype, requested_batch=batch,
-                attention_impl=attention or "auto")
+                attention_impl=attention or "auto", overrides=dict(overrides))
     return Row(name, "train_step", args, est, [f"train/{name}.json"], quick_est, batch_from, [meta])
 
 
@@ -111,6 +115,9 @@ def plan(out: str, quick: bool, f32: bool, sample_act_bits: int = 32) -> list[Ro
         _train("ldm4", "fp", 32, "bf16", 32, 90, attention="explicit"),
         _train("ldm4", "binarydm", 8, "bf16", 32, 150, attention="explicit"),
         _train("ldm4", "binarydm", 32, "bf16", 32, 150),
+        # Change 4 (issue 9): the LRM projection in the features' dtype; A/B against the float32 projection.
+        _train("ldm4", "binarydm", 8, "bf16", 32, 150, profile=0 if quick else 3,
+               overrides={"quant.lrm_precision": "float32"}),
         _train("ldm4", "binarydm", 32, "bf16", 32, 150, attention="explicit"),
         _train("cifar10", "fp", 32, "bf16", 128, 60),
         _train("cifar10", "binarydm", 32, "bf16", 128, 80),

@@ -113,10 +113,19 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
         metrics["loss"].block_until_ready()
     out["loss_after_warmup"] = float(metrics["loss"])
     # One executable: when its loss is ready the whole step (new state included) is done.
-    times_s = common.time_calls(lambda: one_step()["loss"].block_until_ready(),
-                                min_n=3 if not quick else 2, max_n=steps, max_s=max_time_s)
+    dispatch_s: list[float] = []
+
+    def blocking_step() -> None:
+        t0 = time.perf_counter()
+        loss = one_step()["loss"]
+        dispatch_s.append(time.perf_counter() - t0)  # host: argument checks, launches, until the call returns
+        loss.block_until_ready()
+
+    times_s = common.time_calls(blocking_step, min_n=3 if not quick else 2, max_n=steps, max_s=max_time_s)
     out["timing"] = common.summarize(times_s)
     out["times_s"] = times_s
+    out["dispatch_timing"] = common.summarize(dispatch_s)
+    out["state_leaves"] = len(jax.tree.leaves(holder["state"]))
     n_pipe = max(2, min(steps, len(times_s), int(5.0 / max(out["timing"]["median_s"], 1e-6)) + 1))  # <= ~5 s
     t0 = time.perf_counter()
     for _ in range(n_pipe):
@@ -161,13 +170,15 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
 
 def run_row(*, out: str, model: str, method: str, act_bits: int, dtype: str, batch: int, quick: bool,
             steps: int = 20, max_time_s: float = 10.0, calib: int = 8, name: str = "", shrink_on_oom: int = 0,
-            note: str = "", attention_impl: str = "", profile_steps: int = 0) -> dict:
+            note: str = "", attention_impl: str = "", profile_steps: int = 0,
+            overrides: dict[str, str] | None = None) -> dict:
     """Measure one row and write <out>/train/<name>.json; never raises for a failing row."""
     import jax
 
     name = name or row_name(model, method, act_bits, dtype, batch)
     rec: dict = dict(kind="train", name=name, model=model, method=method, act_bits=32 if method == "fp" else act_bits,
-                     dtype=dtype, requested_batch=batch, quick=quick, note=note, attempts=[])
+                     dtype=dtype, requested_batch=batch, quick=quick, note=note, attempts=[],
+                     overrides=dict(overrides or {}))
     path = f"{out}/train/{name}.json"
     try:
         rec["device"] = common.device_info()
@@ -181,6 +192,12 @@ def run_row(*, out: str, model: str, method: str, act_bits: int, dtype: str, bat
                 cfg = common.model_config(model, method, act_bits, dtype, b, quick)
                 if attention_impl:
                     cfg.model.attention_impl = attention_impl
+                for key, value in (overrides or {}).items():
+                    common.set_config(cfg, key, value)
+                if overrides:
+                    from bdm_jax.config import validate
+
+                    cfg = validate(cfg)
                 rec["config"] = dict(model=cfg.model.to_dict(), quant=cfg.quant.to_dict(), method=cfg.method)
                 rec.update(measure(cfg, latents=model == "ldm4", steps=steps, max_time_s=max_time_s, calib=calib,
                                    quick=quick, profile_steps=profile_steps,
@@ -228,11 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, trace this many steps and store the device-time breakdown in the row "
                         "(by op category, step phase, model part; top ops); trace in <out>/traces/<name>")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for this row, repeatable (e.g. quant.lrm_precision=float32 for an A/B); "
+                        "the value is parsed as the field's type")
     a = p.parse_args(argv)
+    overrides = {}
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--set={item!r} is not allowed: expected KEY=VALUE, e.g. quant.lrm_precision=float32")
+        overrides[key] = value
     rec = run_row(out=a.out, model=a.model, method=a.method, act_bits=a.act_bits, dtype=a.dtype, batch=a.batch,
                   quick=a.quick, steps=a.steps, max_time_s=a.max_time_s, calib=a.calib, name=a.name,
                   shrink_on_oom=a.shrink_on_oom, note=a.note, attention_impl=a.attention_impl,
-                  profile_steps=a.profile_steps)
+                  profile_steps=a.profile_steps, overrides=overrides)
     return 0 if rec.get("status") == "ok" else 1
 
 

@@ -57,6 +57,10 @@ def test_train_row_measures_the_qat_step(results):
     assert r["tflops_xla"] == pytest.approx(r["flops_xla"] / r["timing"]["median_s"] / 1e12)
     assert r["xla_memory"]["temp_size_in_bytes"] > 0 and r["state_bytes"] > 0
     assert all(v == v and v < 1e6 for v in (r["loss_after_warmup"], r["loss_final"]))  # finite
+    # Host dispatch of each blocked step: measured inside it, so never longer than the step.
+    disp = r["dispatch_timing"]
+    assert disp["n"] == r["timing"]["n"] and 0 < disp["median_s"] <= r["timing"]["median_s"]
+    assert r["state_leaves"] > 100 and r["overrides"] == {}
 
 
 def test_sampling_rows_cover_fp_fakequant_packed(results):
@@ -113,6 +117,28 @@ def test_row_error_is_written_not_raised(tmp_path):
     assert _load(f"{tmp_path}/train/{rec['name']}.json")["status"] == "error"
 
 
+def test_config_overrides_parse_as_the_field_type_and_bad_ones_fail_the_row(tmp_path):
+    cfg = common.model_config("ldm4", "binarydm", 8, "bf16", 32)
+    common.set_config(cfg, "quant.lrm_precision", "float32")
+    common.set_config(cfg, "quant.lrm_k", "8")
+    common.set_config(cfg, "quant.progressive", "false")
+    common.set_config(cfg, "model.channel_mult", "(1, 2)")
+    assert (cfg.quant.lrm_precision, cfg.quant.lrm_k, cfg.quant.progressive) == ("float32", 8, False)
+    assert cfg.model.channel_mult == (1, 2)
+    with pytest.raises(common.BenchError, match=r"no field 'quant.nope'"):
+        common.set_config(cfg, "quant.nope", "1")
+    with pytest.raises(common.BenchError, match=r"quant.lrm_k='x': not a int"):
+        common.set_config(cfg, "quant.lrm_k", "x")
+    # A value the config rejects: the row records validate's message (field, value, choices), no compile.
+    rec = train_step.run_row(out=str(tmp_path), model="ldm4", method="binarydm", act_bits=8, dtype="bf16", batch=2,
+                             quick=True, overrides={"quant.lrm_precision": "bf16"})
+    assert rec["status"] == "error" and "quant.lrm_precision='bf16'" in rec["error"]
+    assert rec["overrides"] == {"quant.lrm_precision": "bf16"}
+    ab = next(r for r in run_all.plan(str(tmp_path), quick=False, f32=False) if "lrm_precision" in r.name)
+    assert ab.name == "train-ldm4-binarydm_w1a8-bf16-b32-lrm_precision_float32"
+    assert ab.args[ab.args.index("--set") + 1] == "quant.lrm_precision=float32"
+
+
 @pytest.mark.parametrize("model", common.MODELS)
 @pytest.mark.parametrize("method,bits", [("fp", 32), ("binarydm", 32), ("binarydm", 8), ("binarydm", 4)])
 def test_benchmark_configs(model, method, bits):
@@ -161,6 +187,10 @@ def test_report_ratios_mfu_and_official_comparison(tmp_path):
                                                          step_ms=100.0, img_per_s=320.0, tflops_xla=100.0,
                                                          tflops_model=90.0, compile_s=72.0,
                                                          memory=dict(peak_bytes_in_use=15 * gib)))
+    # An A/B row (one config field set back): in the A/B table, kept out of the QAT/FP and official tables.
+    common.write_json(f"{tmp_path}/train/ab.json", dict(base, name="qat-row-lrm_float32", method="binarydm",
+                                                        act_bits=8, step_ms=104.0, img_per_s=307.7,
+                                                        overrides={"quant.lrm_precision": "float32"}))
     common.write_json(f"{tmp_path}/train/oom.json", dict(kind="train", name="oom-row", model="ldm4", method="fp",
                                                          dtype="bf16", requested_batch=512, status="oom",
                                                          error="XlaRuntimeError: RESOURCE_EXHAUSTED"))
@@ -175,6 +205,9 @@ def test_report_ratios_mfu_and_official_comparison(tmp_path):
     assert "6.0x" in md and "**not met**" in md  # 320 img/s vs the official 53.3 img/s at batch 32
     assert "a different card" in md
     assert "**oom** (XlaRuntimeError: RESOURCE_EXHAUSTED)" in md
+    assert ("| qat-row-lrm_float32 | `quant.lrm_precision=float32` | 104.0 | - | - | 10.00 | 100.0 | - | - | 15.00 |"
+            in md)
+    assert "2.08x" not in md and "5.8x" not in md  # the A/B row is no QAT/FP ratio, no official comparison
 
 
 def test_cost_flops_across_jax_versions():
