@@ -23,11 +23,14 @@ SHAPES = {"32x32": (32, 1024, 14, 32), "16x16": (32, 256, 21, 32), "8x8": (32, 6
 QUICK_SHAPES = {"8x8": (2, 64, 2, 16)}
 VARIANTS = {  # name -> KernelConfig fields (None: the explicit core)
     "explicit": None,
-    "kernel_q64_k64_b64_w4_s3": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3),  # default
-    "kernel_q64_k64_b64_w4_s2": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=2),
-    "kernel_q64_k64_b64_w4_s4": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=4),
-    "kernel_q128_k64_b64_w4_s3": dict(block_q=128, block_k=64, block_b=64, num_warps=4, num_stages=3),
+    "kernel_q128_k64_b64_w4_s3": dict(block_q=128, block_k=64, block_b=64, num_warps=4, num_stages=3),  # default
+    "kernel_q64_k64_b64_w4_s3": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3),  # until 5
+    "kernel_q128_k64_b64_w8_s3": dict(block_q=128, block_k=64, block_b=64, num_warps=8, num_stages=3),
+    "kernel_q128_k128_b64_w8_s3": dict(block_q=128, block_k=128, block_b=64, num_warps=8, num_stages=3),
+    "kernel_q128_k64_b32_w4_s3": dict(block_q=128, block_k=64, block_b=32, num_warps=4, num_stages=3),
+    "kernel_q128_k64_b128_w8_s3": dict(block_q=128, block_k=64, block_b=128, num_warps=8, num_stages=3),
 }
+DEFAULT_VARIANT = "kernel_q128_k64_b64_w4_s3"  # flash_lsq.KernelConfig's defaults
 
 
 def _rel(a, b) -> float:
@@ -68,7 +71,7 @@ def run(out: str, quick: bool, bits: int, steps: int) -> dict:
         ref_val, ref_grads = vg(up)(q, k, v, step)
         ref_out = jax.jit(up)(q, k, v, step)
         for vname, fields in VARIANTS.items():
-            if quick and vname not in ("explicit", "kernel_q64_k64_b64_w4_s3"):
+            if quick and vname not in ("explicit", DEFAULT_VARIANT):
                 continue
             row = dict(shape=sname, dims=list(shape), variant=vname)
             try:
