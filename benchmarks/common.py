@@ -450,6 +450,53 @@ def trace_op_times(trace_dir: str) -> tuple[dict[str, float], dict[str, str]]:
     return times, kernels
 
 
+def host_breakdown(trace_dir: str, steps: int, top: int = 40) -> dict:
+    """Host-side events of a jax.profiler trace, per step: busy time of each host thread and the top event names.
+
+    Times are inclusive (an event nested in another of a different name counts in both; in one of the same name,
+    once), so they say where the host waits or works, not a partition of the step. What the step's call spends per kernel launch shows up here (issue 9 finding).
+    """
+    import glob
+
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise BenchError(f"no .xplane.pb trace under {trace_dir}")
+    data = ProfileData.from_file(files[-1])
+    threads: dict[str, float] = {}
+    events: dict[tuple[str, str], list[float]] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/host:"):
+            continue
+        for line in plane.lines:
+            tname = f"{plane.name}/{line.name}"
+            busy, end = 0.0, -1.0
+            for ev in sorted(line.events, key=lambda e: e.start_ns):
+                if "start_trace" in ev.name or "stop_trace" in ev.name:  # the profiler's own frames
+                    continue
+                dur, start = float(ev.duration_ns), float(ev.start_ns)
+                # busy = union of the line's top-level intervals (nested events add nothing)
+                if start >= end:
+                    busy += dur
+                    end = start + dur
+                elif start + dur > end:
+                    busy += start + dur - end
+                    end = start + dur
+                agg = events.setdefault((tname, ev.name), [0.0, 0, -1.0])
+                agg[0] += max(0.0, start + dur - max(start, agg[2]))  # an event nested in a same-named one adds no time
+                agg[1] += 1
+                agg[2] = max(agg[2], start + dur)
+            if busy:
+                threads[tname] = threads.get(tname, 0.0) + busy
+    top_events = sorted(events.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(steps=steps,
+                threads=[dict(thread=t, busy_ms_per_step=ns / steps / 1e6)
+                         for t, ns in sorted(threads.items(), key=lambda kv: -kv[1])],
+                top_events=[dict(thread=t, name=n[:200], ms_per_step=v[0] / steps / 1e6, count_per_step=v[1] / steps)
+                            for (t, n), v in top_events])
+
+
 def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     """Device time per step of a traced compiled step, grouped by op category, step phase and model part."""
     times, kernels = trace_op_times(trace_dir)

@@ -125,7 +125,7 @@ def _status(rec: dict) -> str:
 
 def train_table(rows: list[dict], peak_tflops: float | None) -> list[str]:
     out = ["| row | model | method | dtype | batch | step ms | img/s | pipelined ms | pipelined img/s | "
-           "host dispatch ms | XLA TFLOP/s | MFU | model TFLOP/s | model MFU | peak GiB | compile s | status |",
+           "call returns ms | XLA TFLOP/s | MFU | model TFLOP/s | model MFU | peak GiB | compile s | status |",
            "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ok = r.get("status") == "ok"
@@ -228,6 +228,16 @@ def profile_section(rows: list[dict], top: int = 10) -> list[str]:
             out.append(f"| {o['op']} | {o['category']} | {o['phase']} | {o['component']} | {o['ms_per_step']:.2f} | "
                        f"{o['share']:.1%} | `{src}` |")
         out.append("")
+        host = p.get("host")
+        if host:
+            out += ["Host threads (busy ms per step) and the top host events (inclusive ms per step; "
+                    + ("the timed executable" if not p.get("command_buffers_disabled")
+                       else "the executable recompiled without XLA's command buffers") + "):", "",
+                    "| thread | busy ms / step |", "|---|---:|"]
+            out += [f"| {t['thread']} | {t['busy_ms_per_step']:.2f} |" for t in host["threads"][:8]] + [""]
+            out += ["| host event | thread | ms / step | count / step |", "|---|---|---:|---:|"]
+            out += [f"| `{e['name'][:80].replace('|', '/')}` | {e['thread'].split('/')[-1][:30]} | "
+                    f"{e['ms_per_step']:.2f} | {e['count_per_step']:.0f} |" for e in host["top_events"][:15]] + [""]
     return out
 
 
@@ -318,8 +328,9 @@ def build_markdown(results: str) -> str:
           "`.lower().compile()`; step time = median of blocking steps after 2 warm-up steps; FLOPs = XLA cost "
           "analysis of the compiled step; model FLOPs = 2 x UNet MACs x batch x passes (FP 3, QAT with LRM 4: "
           "teacher forward + student forward + backward); peak = the process's `peak_bytes_in_use` (init + steps); "
-          "pipelined = steps dispatched back to back, as a training loop runs them; host dispatch = median time "
-          "until a blocked step's call returns (argument checks, buffer donation, kernel launches).",
+          "pipelined = steps dispatched back to back, as a training loop runs them; call returns = median time "
+          "until a blocked step's call returns: the host's work (argument checks, donation, one launch per kernel) "
+          "plus any wait for the GPU's launch queue.",
           ""]
     L += ["## Training step", ""] + train_table(data["train"], peak_tf) + [""]
     if any(not _compiled_flops(r) for r in data["train"] if r.get("status") == "ok"):

@@ -62,7 +62,7 @@ def _init_state(setup: Any, tx: Any, x0: Any, calib: int) -> tuple[Any, dict]:
 
 
 def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: int, quick: bool,
-            profile_steps: int = 0, profile_dir: str = "") -> dict:
+            profile_steps: int = 0, profile_dir: str = "", profile_timed: bool = False) -> dict:
     """Compile and time the train step of validated `cfg` at cfg.train.batch_size; returns the metrics."""
     import jax
     import jax.numpy as jnp
@@ -139,7 +139,7 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
         import jax.profiler
 
         traced, no_cmd_buffers = compiled, False
-        if jax.default_backend() == "gpu":
+        if jax.default_backend() == "gpu" and not profile_timed:
             # XLA:GPU replays runs of kernels as CUDA graphs ("command buffers"); a trace then shows one opaque
             # op per graph. The profiled executable is the same program compiled without them.
             try:
@@ -156,6 +156,7 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
         hlo = traced.as_text()
         out["profile"] = common.profile_breakdown(profile_dir, hlo, profile_steps, top=150)
         out["profile"]["command_buffers_disabled"] = no_cmd_buffers
+        out["profile"]["host"] = common.host_breakdown(profile_dir, profile_steps)
         with gzip.open(os.path.join(profile_dir, "compiled_hlo.txt.gz"), "wt") as f:  # the ops the profile names
             f.write(hlo)
 
@@ -171,7 +172,7 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
 def run_row(*, out: str, model: str, method: str, act_bits: int, dtype: str, batch: int, quick: bool,
             steps: int = 20, max_time_s: float = 10.0, calib: int = 8, name: str = "", shrink_on_oom: int = 0,
             note: str = "", attention_impl: str = "", profile_steps: int = 0,
-            overrides: dict[str, str] | None = None) -> dict:
+            overrides: dict[str, str] | None = None, profile_timed: bool = False) -> dict:
     """Measure one row and write <out>/train/<name>.json; never raises for a failing row."""
     import jax
 
@@ -201,7 +202,7 @@ def run_row(*, out: str, model: str, method: str, act_bits: int, dtype: str, bat
                 rec["config"] = dict(model=cfg.model.to_dict(), quant=cfg.quant.to_dict(), method=cfg.method)
                 rec.update(measure(cfg, latents=model == "ldm4", steps=steps, max_time_s=max_time_s, calib=calib,
                                    quick=quick, profile_steps=profile_steps,
-                                   profile_dir=f"{out}/traces/{name}"))
+                                   profile_dir=f"{out}/traces/{name}", profile_timed=profile_timed))
                 rec["status"] = "ok"
                 break
             except Exception as e:
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, trace this many steps and store the device-time breakdown in the row "
                         "(by op category, step phase, model part; top ops); trace in <out>/traces/<name>")
+    p.add_argument("--profile_timed", action="store_true",
+                   help="trace the timed executable itself (on GPU with XLA's command buffers: kernels inside them "
+                        "are opaque, but the host threads show what each step's launch costs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for this row, repeatable (e.g. quant.lrm_precision=float32 for an A/B); "
                         "the value is parsed as the field's type")
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = run_row(out=a.out, model=a.model, method=a.method, act_bits=a.act_bits, dtype=a.dtype, batch=a.batch,
                   quick=a.quick, steps=a.steps, max_time_s=a.max_time_s, calib=a.calib, name=a.name,
                   shrink_on_oom=a.shrink_on_oom, note=a.note, attention_impl=a.attention_impl,
-                  profile_steps=a.profile_steps, overrides=overrides)
+                  profile_steps=a.profile_steps, overrides=overrides, profile_timed=a.profile_timed)
     return 0 if rec.get("status") == "ok" else 1
 
 

@@ -238,6 +238,12 @@ def test_profile_breakdown_of_a_traced_step(tmp_path):
     for group in ("by_category", "by_phase", "by_component"):
         assert sum(r["share"] for r in prof[group]) == pytest.approx(1.0)
     assert sum(r["ms_per_step"] for r in prof["by_category"]) == pytest.approx(prof["device_ms_per_step"])
+    host = common.host_breakdown(str(tmp_path), steps=2)
+    assert host["threads"] and all(t["busy_ms_per_step"] > 0 for t in host["threads"])
+    assert host["top_events"] and host["top_events"] == sorted(host["top_events"], key=lambda e: -e["ms_per_step"])
+    busy = {t["thread"]: t["busy_ms_per_step"] for t in host["threads"]}
+    top = host["top_events"][0]  # a top-level event lies inside its thread's busy time
+    assert 0 < top["ms_per_step"] <= busy[top["thread"]] * (1 + 1e-6)
 
     info = common.hlo_instruction_info(compiled.as_text())
     assert any(i["opcode"] == "fusion" for i in info.values())
