@@ -156,7 +156,7 @@ def test_max_batch_from_measured_peak(tmp_path):
         status="ok", batch=32, memory=dict(peak_bytes_in_use=20 * gib, bytes_limit=80 * gib),
         memory_after_init=dict(bytes_in_use=5 * gib)))
     b, note = run_all.max_batch_from(str(tmp_path), ["missing", "src"], 64, quick=False)("row")
-    assert b == 136 and "src" in note  # (72 - 5) GiB / (15/32 GiB per sample) = 142.9 -> multiple of 8
+    assert b == 120 and "src" in note  # (0.8 x 80 - 5) GiB / (15/32 GiB per sample) = 125.9 -> multiple of 8
     b, note = run_all.max_batch_from(str(tmp_path), ["missing"], 64, quick=False)("row")
     assert b == 64 and "fallback" in note
 
