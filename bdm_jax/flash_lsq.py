@@ -45,7 +45,7 @@ class KernelConfig:
     """Static kernel choices: quantizer bits (None = off), tile sizes, Triton launch parameters."""
 
     bits: int | None
-    # query rows per forward program; measured fwd+bwd at 32x32, H200: 2.73 (128) vs 2.90 ms (64) (PERF_NOTES)
+    # query rows per forward program; one 32x32 layer fwd+bwd: 2.77 (128) vs 2.91 ms (64) on an H100 (PERF_NOTES)
     block_q: int = 128
     block_k: int = 64  # keys per inner step (forward); the backward uses block_b for both
     block_b: int = 64

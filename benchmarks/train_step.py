@@ -2,6 +2,8 @@
 
     python -m benchmarks.train_step --out=benchmarks/results/h100 --model=ldm4 --method=binarydm --act_bits=8 --batch=32
     python -m benchmarks.train_step --out=/tmp/bench --model=cifar10 --method=fp --batch=128 --quick
+    python -m benchmarks.train_step --out=DIR --model=ldm4 --act_bits=8 --batch=32 --set quant.lrm_precision=float32 \
+        --name=train-ldm4-binarydm_w1a8-bf16-b32-lrm_precision_float32      # an A/B row: one config field changed
 
 One row per process (device peak-memory counters cannot be reset, so each row gets its own process).
 The step is the library's: `Setup.from_config`, `make_optimizer`, `make_init_fn` (QAT: the student from a
@@ -14,11 +16,13 @@ Measured: trace+lower and compile seconds (AOT, `.lower().compile()`), XLA's FLO
 (`cost_analysis`; the unoptimized HLO's count where the compiled one misses most of it, e.g. convolutions
 as library calls — `flops_source` says which), model FLOPs (2 x MACs of the UNet forward x batch x passes:
 FP 3 = forward + backward, QAT 4 = teacher forward + student forward + backward), the seconds of each
-step after warm-up (blocking on the step's outputs) -> median, and of a pipelined run (no blocking
-between steps), and the device memory counters (peak is the process peak: init + steps). With
+step after warm-up (blocking on the step's outputs) -> median, when each blocked step's call returned to
+Python (`dispatch_timing`), a pipelined run (no blocking between steps), and the device memory counters (peak
+is the process peak: init + steps). With
 --profile_steps, a jax.profiler trace of that many more steps, broken down by op category (convolution,
 matmul, fused attention, fusions, copies), step phase (teacher forward, student forward/backward,
-optimizer) and model part (attention core, LSQ quantizers, binarizer, norms, ...) from XLA's op metadata. A row that
+optimizer) and model part (attention core, LSQ quantizers, binarizer, norms, ...) from XLA's op metadata, and
+the host threads' busy time and top events (`--profile_timed`: of the timed executable itself). A row that
 fails (OOM, compile error) writes its JSON with status "oom"/"error" and the reason.
 Writes <out>/train/<name>.json.
 """
@@ -118,7 +122,7 @@ def measure(cfg: Any, *, latents: bool, steps: int, max_time_s: float, calib: in
     def blocking_step() -> None:
         t0 = time.perf_counter()
         loss = one_step()["loss"]
-        dispatch_s.append(time.perf_counter() - t0)  # host: argument checks, launches, until the call returns
+        dispatch_s.append(time.perf_counter() - t0)  # the call's host work (leaves, launches) and any queue wait
         loss.block_until_ready()
 
     times_s = common.time_calls(blocking_step, min_n=3 if not quick else 2, max_n=steps, max_s=max_time_s)
