@@ -100,9 +100,9 @@ def _get(cfg: Any, field: str) -> Any:
 
 def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Return a copy of `config` whose quant switches are concrete (method preset for placeholders)."""
-    _check_choice(config, "method", METHODS)
     cfg = ml_collections.ConfigDict(config.to_dict())
-    _check_kinds(cfg)
+    _check_kinds(cfg)  # first: a value of the wrong kind anywhere is named before any value of the right kind
+    _check_choice(cfg, "method", METHODS)
     preset = PRESETS[cfg.method]
     with cfg.unlocked():
         for field, value in ADDED_FIELDS.items():

@@ -120,6 +120,14 @@ def test_group_replaced_by_a_value(group, value):
     assert _check_outcome(cfg) == group
 
 
+def test_a_wrong_kind_is_named_before_a_wrong_value():
+    """Found by test_several_wrong_fields: an empty method was reported before a cache_dir of None."""
+    cfg = tiny.get_config().to_dict()
+    _set(cfg, "method", "")
+    _set(cfg, "autoencoder.cache_dir", None)
+    assert _check_outcome(cfg) == "autoencoder.cache_dir"
+
+
 @pytest.mark.parametrize("field, value, expected", [
     ("resume", "newest", "config.resume='newest' is not allowed: one of latest, latest_good"),
     ("train.nan_policy", "skip", "config.train.nan_policy='skip' is not allowed: one of stop, rollback"),
