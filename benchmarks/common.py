@@ -454,7 +454,8 @@ def host_breakdown(trace_dir: str, steps: int, top: int = 40) -> dict:
     """Host-side events of a jax.profiler trace, per step: busy time of each host thread and the top event names.
 
     Times are inclusive (an event nested in another of a different name counts in both; in one of the same name,
-    once), so they say where the host waits or works, not a partition of the step. What the step's call spends per kernel launch shows up here (issue 9 finding).
+    once), so they say where the host waits or works, not a partition of the step (issue 9: what a step's call
+    costs the host per state leaf and per kernel).
     """
     import glob
 
@@ -484,7 +485,7 @@ def host_breakdown(trace_dir: str, steps: int, top: int = 40) -> dict:
                     busy += start + dur - end
                     end = start + dur
                 agg = events.setdefault((tname, ev.name), [0.0, 0, -1.0])
-                agg[0] += max(0.0, start + dur - max(start, agg[2]))  # an event nested in a same-named one adds no time
+                agg[0] += max(0.0, start + dur - max(start, agg[2]))  # nested in a same-named event: no time
                 agg[1] += 1
                 agg[2] = max(agg[2], start + dur)
             if busy:
