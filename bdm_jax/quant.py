@@ -134,10 +134,8 @@ def lsq_select(x: Array, step: Array, on: Array, bits: int) -> Array:
 
 
 def _lsq_select_fwd(x, step, on, bits):
-    qn, qp = _lsq_range(bits)
     s = jnp.asarray(step, jnp.float32)
-    xq = (jnp.round(jnp.clip(x.astype(jnp.float32) / s, qn, qp)) * s).astype(x.dtype)
-    return jnp.where(on > 0, xq, x), (x, s, on)
+    return jnp.where(on > 0, lsq_quantize(x, s, bits), x), (x, s, on)
 
 
 def _lsq_select_bwd(bits, res, dy):

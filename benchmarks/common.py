@@ -421,11 +421,8 @@ def op_component(op_name: str) -> str:
     return "other"
 
 
-def trace_op_times(trace_dir: str) -> tuple[dict[str, float], dict[str, str]]:
-    """({HLO instruction: total ns}, {HLO instruction: first kernel name}) of a jax.profiler trace.
-
-    Device planes (GPU kernels carry the `hlo_op` that launched them); on CPU, the host plane's thunks.
-    """
+def _load_trace(trace_dir: str) -> Any:
+    """The newest jax.profiler trace (.xplane.pb) under trace_dir, as jax.profiler.ProfileData."""
     import glob
 
     from jax.profiler import ProfileData
@@ -433,7 +430,15 @@ def trace_op_times(trace_dir: str) -> tuple[dict[str, float], dict[str, str]]:
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         raise BenchError(f"no .xplane.pb trace under {trace_dir}")
-    data = ProfileData.from_file(files[-1])
+    return ProfileData.from_file(files[-1])
+
+
+def trace_op_times(trace_dir: str) -> tuple[dict[str, float], dict[str, str]]:
+    """({HLO instruction: total ns}, {HLO instruction: first kernel name}) of a jax.profiler trace.
+
+    Device planes (GPU kernels carry the `hlo_op` that launched them); on CPU, the host plane's thunks.
+    """
+    data = _load_trace(trace_dir)
     planes = [p for p in data.planes if p.name.startswith("/device:")] or [
         p for p in data.planes if p.name.startswith("/host:CPU")]
     times: dict[str, float] = {}
@@ -457,14 +462,7 @@ def host_breakdown(trace_dir: str, steps: int, top: int = 40) -> dict:
     once), so they say where the host waits or works, not a partition of the step (issue 9: what a step's call
     costs the host per state leaf and per kernel).
     """
-    import glob
-
-    from jax.profiler import ProfileData
-
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    if not files:
-        raise BenchError(f"no .xplane.pb trace under {trace_dir}")
-    data = ProfileData.from_file(files[-1])
+    data = _load_trace(trace_dir)
     threads: dict[str, float] = {}
     events: dict[tuple[str, str], list[float]] = {}
     for plane in data.planes:
