@@ -15,9 +15,13 @@ Quantizing P needs its normalised value, so the forward makes two sweeps over th
 (row max and sum first, then P' v). The backward follows the LSQ gradients of `bdm_jax.quant.lsq_quantize`:
 dP = dP' * 1[Qn <= P/step <= Qp] (straight-through inside the range), d step = g * sum(dP' * (round(v) - v)
 inside, Qn/Qp outside) with g = 1 / sqrt(numel(P) * Qp), and the softmax backward dS = P (dP - rowsum(P dP)).
-rowsum(P dP) is not dO . out here (out uses P', and dP is masked), so a first backward kernel computes it,
-together with the step gradient's row sums; a second computes dK, dV (per key block) and dQ (per query
-block). `bits=None` is plain flash attention (no quantizer).
+rowsum(P dP) is not dO . out here (out uses P', and dP is masked); but dP = m * (dO v^T) with m the 0/1
+straight-through mask, so rowsum(P dP) = dO . sum_j (P m)_j v_j, and likewise the step gradient's row sum
+= dO . sum_j (dP'/dstep)_j v_j. The forward's second sweep accumulates those two (T, Dv) sums next to P' v
+(`KernelConfig.d_from_forward`, change 6), and the backward gets both row sums from dO with one product
+each; `d_from_forward=False` keeps the earlier backward kernel that sweeps the keys once more for them.
+A last kernel computes dK, dV (per key block) and dQ (per query block). `bits=None` is plain flash
+attention (no quantizer).
 
 On GPU the kernels lower through Pallas' Triton backend; elsewhere `interpret=True` runs the same kernel
 code as XLA ops (how the tests check it against the explicit core on CPU).
@@ -51,6 +55,8 @@ class KernelConfig:
     block_b: int = 64
     num_warps: int = 4
     num_stages: int = 3  # measured: 2.93 vs 3.19 ms (2 stages) fwd+bwd at 32x32, H200 (docs/PERF_NOTES.md)
+    # the backward's row sums from the forward's extra accumulators (module doc) instead of a third key sweep
+    d_from_forward: bool = True
     interpret: bool = False
 
 
@@ -128,7 +134,9 @@ def _params(qp_ref):
     return qp_ref[0], qp_ref[1], qp_ref[2]
 
 
-def _fwd_kernel(qp_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale2: float, cfg: KernelConfig):
+def _fwd_kernel(qp_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *sums_refs, scale2: float, cfg: KernelConfig):
+    """out = P' v and the row log-sum-exp; with `sums_refs` (d_from_forward) also, float32, sum_j (P m)_j v_j
+    and sum_j (dP'/dstep)_j v_j, whose products with dO are the backward's two row sums (module doc)."""
     q = q_ref[...]
     bq, bk = q.shape[0], min(cfg.block_k, k_ref.shape[0])
     n_k = k_ref.shape[0] // bk
@@ -142,16 +150,28 @@ def _fwd_kernel(qp_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale2: float, c
     m, l = lax.fori_loop(0, n_k, stats, (jnp.full((bq,), -jnp.inf, F32), jnp.zeros((bq,), F32)))
     lse2 = m + jnp.log2(l)
     qparams = _params(qp_ref)
+    on = qparams[1]
+    quantized_sums = bool(sums_refs) and cfg.bits is not None
 
-    def accumulate(j, o):
+    def accumulate(j, acc):
         sl = pl.ds(j * bk, bk)
         v = v_ref[sl, :]
-        _, pu, _, _ = _tile(q, k_ref[sl, :], lse2, qparams, v.dtype, scale2, cfg)
-        return o + _dot(pu.astype(v.dtype), v)
+        p, pu, dstep, inside = _tile(q, k_ref[sl, :], lse2, qparams, v.dtype, scale2, cfg)
+        o = acc[0] + _dot(pu.astype(v.dtype), v)
+        if not quantized_sums:
+            return (o,)
+        pm = jnp.where((on > 0) & ~inside, 0.0, p)  # P m: dP = m dP'
+        return o, acc[1] + _dot(pm.astype(v.dtype), v), acc[2] + _dot(dstep.astype(v.dtype), v)
 
-    o = lax.fori_loop(0, n_k, accumulate, jnp.zeros((bq, v_ref.shape[1]), F32))
-    o_ref[...] = o.astype(o_ref.dtype)
+    zeros = jnp.zeros((bq, v_ref.shape[1]), F32)
+    acc = lax.fori_loop(0, n_k, accumulate, (zeros,) * (3 if quantized_sums else 1))
+    o_ref[...] = acc[0].astype(o_ref.dtype)
     lse_ref[...] = lse2
+    if sums_refs:
+        pm_ref, g_ref = sums_refs
+        # bits=None: P m = P' = P (up to the operands' rounding, as in the accumulator itself) and no step
+        pm_ref[...] = acc[1] if quantized_sums else acc[0]
+        g_ref[...] = (acc[2] if quantized_sums else zeros).astype(g_ref.dtype)
 
 
 def _bwd_rows_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, sg_ref, *, scale2: float,
@@ -234,29 +254,44 @@ _QP = pl.BlockSpec((4,), lambda *_: (0,))  # (step, on, 1/step, pad): scalars ev
 
 
 def _forward(q, k, v, qparams, cfg: KernelConfig):
+    """(out, lse2) and, with cfg.d_from_forward, the two (B, T, H, Dv) sums of the module doc."""
     b, t, h, d = q.shape
     s, dv_ = k.shape[1], v.shape[-1]
     bq = min(cfg.block_q, t)
     tile = lambda i, bi, hi: (bi, i, hi, 0)  # noqa: E731
     whole = lambda i, bi, hi: (bi, 0, hi, 0)  # noqa: E731
     row = lambda i, bi, hi: (bi, hi, i)  # noqa: E731
+    out_specs = [pl.BlockSpec((None, bq, None, dv_), tile), pl.BlockSpec((None, None, bq), row)]
+    out_shape = [jax.ShapeDtypeStruct((b, t, h, dv_), q.dtype), jax.ShapeDtypeStruct((b, h, t), F32)]
+    if cfg.d_from_forward:
+        # sum (P m) v in float32: the softmax backward subtracts its product with dO from dP (cancellation);
+        # the step-gradient sum only enters one scalar, so it keeps the operands' dtype (half the bytes)
+        out_specs += [pl.BlockSpec((None, bq, None, dv_), tile)] * 2
+        out_shape += [jax.ShapeDtypeStruct((b, t, h, dv_), F32), jax.ShapeDtypeStruct((b, t, h, dv_), v.dtype)]
     return _call(
         functools.partial(_fwd_kernel, scale2=_scale2(d), cfg=cfg), cfg, (t // bq, b, h),
         [_QP, pl.BlockSpec((None, bq, None, d), tile), pl.BlockSpec((None, s, None, d), whole),
          pl.BlockSpec((None, s, None, dv_), whole)],
-        [pl.BlockSpec((None, bq, None, dv_), tile), pl.BlockSpec((None, None, bq), row)],
-        [jax.ShapeDtypeStruct((b, t, h, dv_), q.dtype), jax.ShapeDtypeStruct((b, h, t), F32)],
-        "lsq_flash_fwd", qparams, q, k, v)
+        out_specs, out_shape, "lsq_flash_fwd", qparams, q, k, v)
 
 
-def _backward(q, k, v, qparams, lse2, do, cfg: KernelConfig):
+def _row_sums(do: Array, pmv: Array, gv: Array, on: Array) -> tuple[Array, Array]:
+    """(rowsum(P dP) as (B, H, T), the step gradient's row sums) from the forward's sums (module doc)."""
+    do = do.astype(F32)
+    # products and sums, not einsum: XLA would make these dots, and float32 dots may run in TF32 on GPU
+    dd = jnp.sum(do * pmv, axis=-1).transpose(0, 2, 1)
+    sg = jnp.sum(do * gv.astype(F32), axis=-1).transpose(0, 2, 1)
+    return dd, jnp.where(on > 0, sg, 0.0)
+
+
+def _backward(q, k, v, qparams, lse2, do, sums, cfg: KernelConfig):
     b, t, h, d = q.shape
     s, dv_ = k.shape[1], v.shape[-1]
     bq = t // (s // min(cfg.block_b, s))
     tile = lambda i, bi, hi: (bi, i, hi, 0)  # noqa: E731
     whole = lambda i, bi, hi: (bi, 0, hi, 0)  # noqa: E731
     row = lambda i, bi, hi: (bi, hi, i)  # noqa: E731
-    dd, sg = _call(
+    dd, sg = _row_sums(do, *sums, qparams[1]) if sums else _call(
         functools.partial(_bwd_rows_kernel, scale2=_scale2(d), cfg=cfg), cfg, (t // bq, b, h),
         [_QP, pl.BlockSpec((None, bq, None, d), tile), pl.BlockSpec((None, s, None, d), whole),
          pl.BlockSpec((None, s, None, dv_), whole), pl.BlockSpec((None, bq, None, dv_), tile),
@@ -289,17 +324,18 @@ def _scale2(d: int) -> float:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q: Array, k: Array, v: Array, qparams: Array, cfg: KernelConfig) -> Array:
-    return _forward(q, k, v, qparams, cfg)[0]
+    # no backward to feed: the forward without the extra sums (sampling and inference pay nothing for them)
+    return _forward(q, k, v, qparams, dataclasses.replace(cfg, d_from_forward=False))[0]
 
 
 def _attention_fwd(q, k, v, qparams, cfg):
-    out, lse2 = _forward(q, k, v, qparams, cfg)
-    return out, (q, k, v, qparams, lse2)
+    out, lse2, *sums = _forward(q, k, v, qparams, cfg)
+    return out, (q, k, v, qparams, lse2, tuple(sums))
 
 
 def _attention_bwd(cfg, res, do):
-    q, k, v, qparams, lse2 = res
-    dq, dk, dv, sg = _backward(q, k, v, qparams, lse2, do.astype(q.dtype), cfg)
+    q, k, v, qparams, lse2, sums = res
+    dq, dk, dv, sg = _backward(q, k, v, qparams, lse2, do.astype(q.dtype), sums, cfg)
     if cfg.bits is None:
         dstep = jnp.zeros((), F32)
     else:  # LSQ's gradient scale g = 1 / sqrt(numel(P) * Qp) (bdm_jax.quant.lsq_quantize)

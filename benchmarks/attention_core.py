@@ -29,6 +29,12 @@ VARIANTS = {  # name -> KernelConfig fields (None: the explicit core)
     "kernel_q128_k128_b64_w8_s3": dict(block_q=128, block_k=128, block_b=64, num_warps=8, num_stages=3),
     "kernel_q128_k64_b32_w4_s3": dict(block_q=128, block_k=64, block_b=32, num_warps=4, num_stages=3),
     "kernel_q128_k64_b128_w8_s3": dict(block_q=128, block_k=64, block_b=128, num_warps=8, num_stages=3),
+    # change 6's before: the backward's row sums from a third sweep over the keys (until 6, the default)
+    "kernel_q128_k64_b64_w4_s3_rows_sweep": dict(block_q=128, block_k=64, block_b=64, num_warps=4, num_stages=3,
+                                                 d_from_forward=False),
+    # the forward carries two more accumulators since change 6: smaller query tiles hold fewer registers
+    "kernel_q64_k64_b64_w4_s3_rows_sweep": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3,
+                                                d_from_forward=False),
 }
 DEFAULT_VARIANT = "kernel_q128_k64_b64_w4_s3"  # flash_lsq.KernelConfig's defaults
 

@@ -4,6 +4,7 @@ Off GPU the kernel runs interpreted (the same kernel code as XLA ops); the GPU r
 through Triton (docs/PERF_NOTES.md, change 2).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -42,13 +43,15 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.parametrize("d_from_forward", [True, False])  # the backward's row sums: forward sums / a key sweep
 @pytest.mark.parametrize("bits,on,step", [(None, 1.0, 1.0), (8, 1.0, 0.01), (4, 1.0, 0.05), (8, 0.0, 0.01)])
-def test_kernel_matches_explicit_core_float32(bits, on, step):
+def test_kernel_matches_explicit_core_float32(bits, on, step, d_from_forward):
     q, k, v, do = _inputs(jnp.float32)
     step = jnp.float32(step)
+    cfg = dataclasses.replace(SMALL, d_from_forward=d_from_forward)
 
     def fused(q, k, v, s):
-        return flash_lsq.lsq_flash_attention(q, k, v, s, on, bits=bits, cfg=SMALL)
+        return flash_lsq.lsq_flash_attention(q, k, v, s, on, bits=bits, cfg=cfg)
 
     def ref(q, k, v, s):
         return _explicit(q, k, v, s, jnp.float32(on), bits)
