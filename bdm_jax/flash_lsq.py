@@ -49,8 +49,9 @@ class KernelConfig:
     """Static kernel choices: quantizer bits (None = off), tile sizes, Triton launch parameters."""
 
     bits: int | None
-    # query rows per forward program; one 32x32 layer fwd+bwd: 2.77 (128) vs 2.91 ms (64) on an H100 (PERF_NOTES)
-    block_q: int = 128
+    # query rows per forward program. 128 won (2.77 vs 2.91 ms, one 32x32 layer fwd+bwd, H100) until change 6
+    # gave the forward two more accumulators; since then 64: 2.37 vs 2.71 ms (docs/PERF_NOTES.md, session 4)
+    block_q: int = 64
     block_k: int = 64  # keys per inner step (forward); the backward uses block_b for both
     block_b: int = 64
     num_warps: int = 4

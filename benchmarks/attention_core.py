@@ -23,8 +23,8 @@ SHAPES = {"32x32": (32, 1024, 14, 32), "16x16": (32, 256, 21, 32), "8x8": (32, 6
 QUICK_SHAPES = {"8x8": (2, 64, 2, 16)}
 VARIANTS = {  # name -> KernelConfig fields (None: the explicit core)
     "explicit": None,
-    "kernel_q128_k64_b64_w4_s3": dict(block_q=128, block_k=64, block_b=64, num_warps=4, num_stages=3),  # default
-    "kernel_q64_k64_b64_w4_s3": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3),  # until 5
+    "kernel_q64_k64_b64_w4_s3": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3),  # default
+    "kernel_q128_k64_b64_w4_s3": dict(block_q=128, block_k=64, block_b=64, num_warps=4, num_stages=3),  # 5 to 6
     "kernel_q128_k64_b64_w8_s3": dict(block_q=128, block_k=64, block_b=64, num_warps=8, num_stages=3),
     "kernel_q128_k128_b64_w8_s3": dict(block_q=128, block_k=128, block_b=64, num_warps=8, num_stages=3),
     "kernel_q128_k64_b32_w4_s3": dict(block_q=128, block_k=64, block_b=32, num_warps=4, num_stages=3),
@@ -36,7 +36,7 @@ VARIANTS = {  # name -> KernelConfig fields (None: the explicit core)
     "kernel_q64_k64_b64_w4_s3_rows_sweep": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3,
                                                 d_from_forward=False),
 }
-DEFAULT_VARIANT = "kernel_q128_k64_b64_w4_s3"  # flash_lsq.KernelConfig's defaults
+DEFAULT_VARIANT = "kernel_q64_k64_b64_w4_s3"  # flash_lsq.KernelConfig's defaults
 
 
 def _rel(a, b) -> float:

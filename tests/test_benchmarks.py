@@ -266,9 +266,9 @@ def test_attention_core_benchmark_checks_the_kernel_and_reports(tmp_path):
 
     rec = attention_core.run(str(tmp_path), quick=True, bits=8, steps=3)
     rows = {r["variant"]: r for r in rec["rows"]}
-    assert set(rows) == {"explicit", "kernel_q128_k64_b64_w4_s3"} and all(r["status"] == "ok" for r in rows.values())
-    ker, exp = rows["kernel_q128_k64_b64_w4_s3"], rows["explicit"]
+    assert set(rows) == {"explicit", "kernel_q64_k64_b64_w4_s3"} and all(r["status"] == "ok" for r in rows.values())
+    ker, exp = rows["kernel_q64_k64_b64_w4_s3"], rows["explicit"]
     assert 0 < ker["rel_err_out_vs_f32"] <= 1.2 * exp["rel_err_out_vs_f32"] < 2e-2  # bf16-level, not exact
     assert all(ker["rel_err_grads_vs_f32"][n] <= 1.2 * exp["rel_err_grads_vs_f32"][n] for n in "qkv")
     md = report.build_markdown(str(tmp_path))
-    assert "| 8x8 | (2, 64, 2, 16) | kernel_q128_k64_b64_w4_s3 |" in md
+    assert "| 8x8 | (2, 64, 2, 16) | kernel_q64_k64_b64_w4_s3 |" in md
