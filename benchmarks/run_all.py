@@ -12,8 +12,9 @@ sampling, then the largest-batch and float32 rows). Before each row the driver c
 with the row's estimate (a prior for an H100, rescaled by how the finished rows compared with theirs);
 a row that cannot finish is skipped and recorded as such, and each row is killed at the deadline.
 "Largest batch that fits" rows take their batch from the measured peak memory of a batch-32 row:
-batch = (0.8 x device limit - memory after init) / (bytes per sample), a multiple of 8, with one retry
-at 3/4 of it after an OOM. After every row: <out>/summary.json; at the end <out>/BENCHMARKS.md
+batch = (0.8 x device limit - memory after init) / (bytes per sample), a multiple of 8; after an OOM the
+row runs again at 3/4 of that batch in a fresh process (up to BMAX_RETRIES times; the OOM's JSON is kept as
+<name>-b<batch>-oom), so the result brackets the largest batch. After every row: <out>/summary.json; at the end <out>/BENCHMARKS.md
 (benchmarks.report). Logs of each row in <out>/logs/.
 """
 
@@ -37,6 +38,9 @@ RESERVE_S = 5.0  # kept for the summary and the report after the last row
 # Of the device limit, what a largest-batch row plans to use: 0.9 ran W1A4 out of memory on an H100 (batch 248
 # from the W1A8 b32 peak; XLA asked for one 59.8 GiB temporary), and each retry is another long compile.
 BMAX_FRACTION = 0.8
+# Retries of a largest-batch row after an OOM, each in a fresh process: retrying inside the process that ran out
+# of memory failed on an H100 (FP 448 -> 336 could not place one 45.6 GiB buffer; 384 then ran in a new process).
+BMAX_RETRIES = 2
 MIN_CAP_S = 120.0  # a row is killed after max(4 x its estimate, this), or at the deadline
 
 
@@ -66,8 +70,6 @@ def _train(model: str, method: str, bits: int, dtype: str, batch: int | str, est
         args += ["--profile_steps", str(profile)]
     if batch_from is None:
         args += ["--batch", str(batch)]
-    else:
-        args += ["--shrink_on_oom", "1"]
     meta = dict(model=model, method=method, act_bits=32 if method == "fp" else bits, dtype=dtype, requested_batch=batch,
                 attention_impl=attention or "auto", overrides=dict(overrides))
     return Row(name, "train_step", args, est, [f"train/{name}.json"], quick_est, batch_from, [meta])
@@ -228,12 +230,26 @@ def run_process(argv: list[str], log_path: str, timeout_s: float, env: dict) -> 
 
 def _stub(path: str, row: Row, status: str, reason: str, **extra) -> dict:
     """The JSON of an output the row's process did not write (skipped, crashed, killed)."""
-    kind = {"train_step": "train", "sampling": "sample", "peak": "peak"}[row.module]
+    kind = {"train_step": "train", "sampling": "sample", "peak": "peak"}.get(row.module, row.module)
     meta = next((m for o, m in zip(row.outputs, row.metas) if path.endswith("/" + o)), {})
     rec = dict(meta, kind=kind, name=os.path.basename(path)[:-5], status=status, error=reason, driver_row=row.name,
                **extra)
     common.write_json(path, rec)
     return rec
+
+
+def _module(module: str) -> str:
+    """The module a row's process runs: benchmarks.<module>, or a dotted path as given (tests' fake rows)."""
+    return module if "." in module else f"benchmarks.{module}"
+
+
+def _keep_oom(path: str, name: str) -> str:
+    """Move a largest-batch row's OOM record to <dir>/<name>.json (its own row in the report); returns `name`."""
+    rec = _load(path) or {}
+    rec.update(name=name, note="largest-batch search: this batch ran out of memory; the row ran again smaller")
+    common.write_json(os.path.join(os.path.dirname(path), f"{name}.json"), rec)
+    os.remove(path)
+    return name
 
 
 def run(out: str, *, quick: bool, budget_s: float, f32: bool = True, patterns: list[str] | None = None,
@@ -270,28 +286,39 @@ def run(out: str, *, quick: bool, budget_s: float, f32: bool = True, patterns: l
                 _stub(p, row, "skipped", reason)
             common.log(f"{row.name}: {reason}")
             continue
-        args = list(row.args)
-        if row.batch_from is not None:
-            b, note = row.batch_from(out)
-            args += ["--batch", str(b), "--note", note]
-            entry["batch"] = b
-            common.log(f"{row.name}: batch {b} ({note})")
-        argv = [sys.executable, "-m", f"benchmarks.{row.module}", "--out", out] + (["--quick"] if quick else []) + args
-        entry["argv"] = " ".join(argv[1:])
-        cap = min(left, max(4.0 * est, MIN_CAP_S))  # a hung row must not eat the budget; a slow one may finish
-        common.log(f"{row.name}: start (estimate {est:.0f} s, killed after {cap:.0f} s; {left:.0f} s left)")
-        for p in paths:  # a stale file from an earlier run must not pass for this run's result
-            if os.path.exists(p):
-                os.remove(p)
-        rc, wall, tail = run_process(argv, f"{out}/logs/{row.name}.log", cap, env)
-        entry.update(rc=rc, wall_s=round(wall, 1))
-        statuses = []
-        for p in paths:
-            rec = _load(p)
-            if rec is None:
-                why = f"killed after {cap:.0f} s" if rc is None else f"process exited {rc} without writing its JSON"
-                rec = _stub(p, row, "timeout" if rc is None else "crashed", why, log_tail=tail[-3000:])
-            statuses.append(rec.get("status"))
+        b, note = row.batch_from(out) if row.batch_from is not None else (None, "")
+        for retry in range(BMAX_RETRIES + 1 if b is not None else 1):
+            args = list(row.args)
+            if b is not None:
+                args += ["--batch", str(b), "--note", note]
+                entry["batch"] = b
+                common.log(f"{row.name}: batch {b} ({note})")
+            argv = ([sys.executable, "-m", _module(row.module), "--out", out] + (["--quick"] if quick else []) + args)
+            entry["argv"] = " ".join(argv[1:])
+            left = deadline - time.perf_counter() - RESERVE_S
+            cap = min(left, max(4.0 * est, MIN_CAP_S))  # a hung row must not eat the budget; a slow one may finish
+            common.log(f"{row.name}: start (estimate {est:.0f} s, killed after {cap:.0f} s; {left:.0f} s left)")
+            for p in paths:  # a stale file from an earlier run must not pass for this run's result
+                if os.path.exists(p):
+                    os.remove(p)
+            rc, wall, tail = run_process(argv, f"{out}/logs/{row.name}.log", cap, env)
+            entry.update(rc=rc, wall_s=round(wall + entry.get("wall_s", 0.0), 1))
+            statuses = []
+            for p in paths:
+                rec = _load(p)
+                if rec is None:
+                    why = f"killed after {cap:.0f} s" if rc is None else f"process exited {rc} without writing its JSON"
+                    rec = _stub(p, row, "timeout" if rc is None else "crashed", why, log_tail=tail[-3000:])
+                statuses.append(rec.get("status"))
+            smaller = (b * 3 // 4) // 8 * 8 if b is not None else 0
+            if (b is None or statuses != ["oom"] or retry == BMAX_RETRIES or smaller < 8
+                    or deadline - time.perf_counter() - RESERVE_S < 0.8 * est):
+                break
+            oom = _keep_oom(paths[0], f"{row.name}-b{b}-oom")
+            entry.setdefault("oom_rows", []).append(oom)
+            note = f"largest batch searched: {b} ran out of memory (row {oom}); {smaller} in a fresh process"
+            common.log(f"{row.name}: OOM at batch {b}; again at {smaller} in a fresh process")
+            b = smaller
         good = all(s in ("ok", "not_available") for s in statuses)
         entry["status"] = "ok" if good else ",".join(sorted(set(statuses)))
         if rc is not None and entry["status"] == "ok" and row.module != "peak":  # peak compiles little

@@ -110,6 +110,29 @@ def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "- crash: crashed" in md and "- huge: skipped" in md
 
 
+def test_largest_batch_row_retries_smaller_in_fresh_processes(tmp_path):
+    """An OOM of a largest-batch row is kept as its own row and the batch tried again at 3/4, each in a new
+    process (an in-process retry could not place the smaller step's buffer on an H100), at most BMAX_RETRIES."""
+    def row(name, limit):
+        return run_all.Row(name, "tests.fake_bmax_row", ["--name", name, "--limit", str(limit)], 1,
+                           [f"train/{name}.json"], quick_est_s=1, batch_from=lambda out: (200, "estimate"))
+
+    summary = run_all.run(str(tmp_path), quick=True, budget_s=120, rows=[row("fits3", 120), row("never", 10)])
+    entry = {r["name"]: r for r in summary["rows"]}
+    fits = _load(f"{tmp_path}/train/fits3.json")
+    assert entry["fits3"]["status"] == "ok" and fits["batch"] == 104  # 200 -> 144 -> 104 (3/4, multiples of 8)
+    assert "144 ran out of memory (row fits3-b144-oom)" in fits["note"]
+    ooms = [_load(f"{tmp_path}/train/fits3-b{b}-oom.json") for b in (200, 144)]
+    assert [(r["status"], r["batch"], r["name"]) for r in ooms] == [("oom", 200, "fits3-b200-oom"),
+                                                                    ("oom", 144, "fits3-b144-oom")]
+    assert len({r["pid"] for r in ooms + [fits]}) == 3  # three processes
+    assert entry["fits3"]["oom_rows"] == ["fits3-b200-oom", "fits3-b144-oom"]
+    # never fits: BMAX_RETRIES retries, then the last OOM stays the row's result
+    assert run_all.BMAX_RETRIES == 2 and entry["never"]["status"] == "oom"
+    assert _load(f"{tmp_path}/train/never.json")["batch"] == 104
+    assert not os.path.exists(f"{tmp_path}/train/never-b104-oom.json")
+
+
 def test_row_error_is_written_not_raised(tmp_path):
     rec = train_step.run_row(out=str(tmp_path), model="cifar10", method="fp", act_bits=32, dtype="bf16", batch=0,
                              quick=True)
