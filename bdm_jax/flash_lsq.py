@@ -58,6 +58,8 @@ class KernelConfig:
     num_stages: int = 3  # measured: 2.93 vs 3.19 ms (2 stages) fwd+bwd at 32x32, H200 (docs/PERF_NOTES.md)
     # the backward's row sums from the forward's extra accumulators (module doc) instead of a third key sweep
     d_from_forward: bool = True
+    # dQ added atomically (float32) from the dK/dV sweep over query tiles, instead of a second sweep over the keys
+    dq_atomic: bool = False
     interpret: bool = False
 
 
@@ -199,9 +201,10 @@ def _bwd_rows_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, sg_ref
     sg_ref[...] = jnp.where(on > 0, sg, 0.0)
 
 
-def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dk_ref, dv_ref, *,
-                scale2: float, cfg: KernelConfig):
-    """dK, dV of key tile i (loop over query tiles), then dQ of query tile i (loop over key tiles)."""
+def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, *refs, scale2: float, cfg: KernelConfig):
+    """dK, dV of key tile i (loop over query tiles), then dQ of query tile i (loop over key tiles); with
+    cfg.dq_atomic, each query tile's dQ share is added atomically to a float32 dQ inside the first loop."""
+    dq_ref, dk_ref, dv_ref = refs[-3:]  # dq_atomic: refs[0] is the zeros input that dq_ref aliases
     i = pl.program_id(2)
     t, s = q_ref.shape[0], k_ref.shape[0]
     bq, bk = t // (s // min(cfg.block_b, s)), min(cfg.block_b, s)
@@ -220,12 +223,16 @@ def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dk_
         p, pu, _, inside = _tile(q, k, lse_ref[sl], qparams, dtype, scale2, cfg)
         ds = p * (_dp(_dot(do, v.T), inside, on) - d_ref[sl][:, None]) * scale
         dv = dv + _dot(pu.astype(dtype).T, do)
+        if cfg.dq_atomic:
+            _atomic_add(dq_ref, (sl, slice(None)), _dot(ds.astype(k.dtype), k))
         return dk + _dot(ds.astype(q.dtype).T, q), dv
 
     zeros = jnp.zeros((bk, k_ref.shape[1]), F32)
     dk, dv = lax.fori_loop(0, t // bq, kv_body, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+    if cfg.dq_atomic:
+        return
 
     q_sl = pl.ds(i * bq, bq)
     q, do, lse2, dd = q_ref[q_sl, :], do_ref[q_sl, :], lse_ref[q_sl], d_ref[q_sl]
@@ -241,14 +248,20 @@ def _bwd_kernel(qp_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dk_
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _call(kernel, cfg: KernelConfig, grid, in_specs, out_specs, out_shape, name: str, *args):
+def _atomic_add(ref, idx, val) -> None:
+    from jax.experimental.pallas import triton as plgpu  # interpreted off GPU (a read-modify-write)
+
+    plgpu.atomic_add(ref, idx, val)
+
+
+def _call(kernel, cfg: KernelConfig, grid, in_specs, out_specs, out_shape, name: str, *args, aliases=None):
     params = {}
     if not cfg.interpret:
         from jax.experimental.pallas import triton as plgpu
 
         params = dict(compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=cfg.interpret, name=name, **params)(*args)
+                          interpret=cfg.interpret, name=name, input_output_aliases=aliases or {}, **params)(*args)
 
 
 _QP = pl.BlockSpec((4,), lambda *_: (0,))  # (step, on, 1/step, pad): scalars every program reads
@@ -305,17 +318,22 @@ def _backward(q, k, v, qparams, lse2, do, sums, cfg: KernelConfig):
     g_whole = lambda bi, hi, i: (bi, 0, hi, 0)  # noqa: E731
     g_rows = lambda bi, hi, i: (bi, hi, 0)  # noqa: E731
     bk = min(cfg.block_b, s)
-    dq, dk, dv = _call(
-        functools.partial(_bwd_kernel, scale2=_scale2(d), cfg=cfg), cfg, (b, h, s // bk),
-        [_QP, pl.BlockSpec((None, t, None, d), g_whole), pl.BlockSpec((None, s, None, d), g_whole),
-         pl.BlockSpec((None, s, None, dv_), g_whole), pl.BlockSpec((None, t, None, dv_), g_whole),
-         pl.BlockSpec((None, None, t), g_rows), pl.BlockSpec((None, None, t), g_rows)],
-        [pl.BlockSpec((None, bq, None, d), g_tile), pl.BlockSpec((None, bk, None, d), g_tile),
-         pl.BlockSpec((None, bk, None, dv_), g_tile)],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-         jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        "lsq_flash_bwd", qparams, q, k, v, do, lse2, dd)
-    return dq, dk, dv, sg
+    in_specs = [_QP, pl.BlockSpec((None, t, None, d), g_whole), pl.BlockSpec((None, s, None, d), g_whole),
+                pl.BlockSpec((None, s, None, dv_), g_whole), pl.BlockSpec((None, t, None, dv_), g_whole),
+                pl.BlockSpec((None, None, t), g_rows), pl.BlockSpec((None, None, t), g_rows)]
+    out_specs = [pl.BlockSpec((None, bq, None, d), g_tile), pl.BlockSpec((None, bk, None, d), g_tile),
+                 pl.BlockSpec((None, bk, None, dv_), g_tile)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    args, aliases = [qparams, q, k, v, do, lse2, dd], None
+    if cfg.dq_atomic:  # every program adds into all of its (batch, head)'s dQ rows: one float32 buffer, zeroed
+        in_specs.append(pl.BlockSpec((None, t, None, d), g_whole))
+        out_specs[0], out_shape[0] = in_specs[-1], jax.ShapeDtypeStruct(q.shape, F32)
+        args.append(jnp.zeros(q.shape, F32))
+        aliases = {len(args) - 1: 0}
+    dq, dk, dv = _call(functools.partial(_bwd_kernel, scale2=_scale2(d), cfg=cfg), cfg, (b, h, s // bk),
+                       in_specs, out_specs, out_shape, "lsq_flash_bwd", *args, aliases=aliases)
+    return dq.astype(q.dtype), dk, dv, sg
 
 
 def _scale2(d: int) -> float:

@@ -13,6 +13,7 @@ and times forward+backward (`jax.jit` of value-and-grad, median of blocking call
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import sys
 import time
@@ -35,6 +36,11 @@ VARIANTS = {  # name -> KernelConfig fields (None: the explicit core)
     # the forward carries two more accumulators since change 6: smaller query tiles hold fewer registers
     "kernel_q64_k64_b64_w4_s3_rows_sweep": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3,
                                                 d_from_forward=False),
+    # dQ added atomically from the dK/dV sweep instead of a second key sweep in the backward
+    "kernel_q64_k64_b64_w4_s3_dq_atomic": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3,
+                                               dq_atomic=True),
+    "kernel_q64_k64_b128_w8_s3_dq_atomic": dict(block_q=64, block_k=64, block_b=128, num_warps=8, num_stages=3,
+                                                dq_atomic=True),
 }
 DEFAULT_VARIANT = "kernel_q64_k64_b64_w4_s3"  # flash_lsq.KernelConfig's defaults
 
@@ -46,7 +52,9 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def run(out: str, quick: bool, bits: int, steps: int) -> dict:
+def run(out: str, quick: bool, bits: int, steps: int, variants: str = "", shapes: str = "") -> dict:
+    """Time every variant (or those matching the comma-separated fnmatch patterns `variants`) at every shape
+    (or the named `shapes`); writes <out>/attention_core.json."""
     import jax
     import jax.numpy as jnp
 
@@ -62,7 +70,11 @@ def run(out: str, quick: bool, bits: int, steps: int) -> dict:
         return jnp.einsum("bhqk,bkhd->bqhd", w, v)
 
     rec: dict = dict(kind="attention_core", device=common.device_info(), bits=bits, dtype="bfloat16", rows=[])
+    patterns = [v for v in variants.split(",") if v]
+    names = [v for v in shapes.split(",") if v]
     for sname, shape in (QUICK_SHAPES if quick else SHAPES).items():
+        if names and sname not in names:
+            continue
         ks = jax.random.split(jax.random.key(0), 4)
         q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks[:3])
         do = jax.random.normal(ks[3], shape, jnp.float32).astype(dtype)
@@ -77,7 +89,8 @@ def run(out: str, quick: bool, bits: int, steps: int) -> dict:
         ref_val, ref_grads = vg(up)(q, k, v, step)
         ref_out = jax.jit(up)(q, k, v, step)
         for vname, fields in VARIANTS.items():
-            if quick and vname not in ("explicit", DEFAULT_VARIANT):
+            if (quick and vname not in ("explicit", DEFAULT_VARIANT)) or (
+                    patterns and not any(fnmatch.fnmatch(vname, p) for p in patterns)):
                 continue
             row = dict(shape=sname, dims=list(shape), variant=vname)
             try:
@@ -116,8 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one tiny shape, two variants (CPU: interpreted kernel)")
     p.add_argument("--bits", type=int, default=8, choices=(4, 8), help="LSQ bits of the softmax output")
     p.add_argument("--steps", type=int, default=30, help="at most this many timed calls per variant")
+    p.add_argument("--variants", default="", help="comma-separated fnmatch patterns of variant names (default: all: "
+                   + ", ".join(VARIANTS) + ")")
+    p.add_argument("--shapes", default="", help="comma-separated levels (default: all: " + ", ".join(SHAPES) + ")")
     a = p.parse_args(argv)
-    rec = run(a.out, a.quick, a.bits, a.steps)
+    bad = [n for n in a.shapes.split(",") if n and n not in {**SHAPES, **QUICK_SHAPES}]
+    if bad:
+        p.error(f"--shapes: unknown level(s) {', '.join(bad)}; choose from {', '.join(SHAPES)}")
+    rec = run(a.out, a.quick, a.bits, a.steps, a.variants, a.shapes)
     return 0 if all(r.get("status") == "ok" for r in rec["rows"]) else 1
 
 

@@ -43,12 +43,16 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("d_from_forward", [True, False])  # the backward's row sums: forward sums / a key sweep
+# the backward's row sums from the forward's sums (default) or a key sweep; dQ from a second sweep or atomically
+VARIANTS = {"default": {}, "rows_sweep": dict(d_from_forward=False), "dq_atomic": dict(dq_atomic=True)}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("bits,on,step", [(None, 1.0, 1.0), (8, 1.0, 0.01), (4, 1.0, 0.05), (8, 0.0, 0.01)])
-def test_kernel_matches_explicit_core_float32(bits, on, step, d_from_forward):
+def test_kernel_matches_explicit_core_float32(bits, on, step, variant):
     q, k, v, do = _inputs(jnp.float32)
     step = jnp.float32(step)
-    cfg = dataclasses.replace(SMALL, d_from_forward=d_from_forward)
+    cfg = dataclasses.replace(SMALL, **VARIANTS[variant])
 
     def fused(q, k, v, s):
         return flash_lsq.lsq_flash_attention(q, k, v, s, on, bits=bits, cfg=cfg)
