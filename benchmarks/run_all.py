@@ -14,8 +14,8 @@ a row that cannot finish is skipped and recorded as such, and each row is killed
 "Largest batch that fits" rows take their batch from the measured peak memory of a batch-32 row:
 batch = (0.8 x device limit - memory after init) / (bytes per sample), a multiple of 8; after an OOM the
 row runs again at 3/4 of that batch in a fresh process (up to BMAX_RETRIES times; the OOM's JSON is kept as
-<name>-b<batch>-oom), so the result brackets the largest batch. After every row: <out>/summary.json; at the end <out>/BENCHMARKS.md
-(benchmarks.report). Logs of each row in <out>/logs/.
+<name>-b<batch>-oom), so the result brackets the largest batch. After every row: <out>/summary.json; at the
+end <out>/BENCHMARKS.md (benchmarks.report). Logs of each row in <out>/logs/.
 """
 
 from __future__ import annotations
@@ -246,7 +246,8 @@ def _module(module: str) -> str:
 def _keep_oom(path: str, name: str) -> str:
     """Move a largest-batch row's OOM record to <dir>/<name>.json (its own row in the report); returns `name`."""
     rec = _load(path) or {}
-    rec.update(name=name, note="largest-batch search: this batch ran out of memory; the row ran again smaller")
+    why = "largest-batch search: this batch ran out of memory; the row ran again smaller"
+    rec.update(name=name, note=f"{rec['note']}; {why}" if rec.get("note") else why)
     common.write_json(os.path.join(os.path.dirname(path), f"{name}.json"), rec)
     os.remove(path)
     return name

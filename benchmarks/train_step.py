@@ -242,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="at most this many timed steps")
     p.add_argument("--max_time_s", type=float, default=10.0, help="stop timing after this long (>= 3 steps)")
     p.add_argument("--calib", type=int, default=8, help="samples of the QAT init's calibration batch")
-    p.add_argument("--shrink_on_oom", type=int, default=0, help="retries at 3/4 of the batch after an OOM, in this process (after a large "
-                   "OOM the allocator may fail to place the smaller step too, as seen on an H100; run_all retries its "
-                   "largest-batch rows in fresh processes)")
+    p.add_argument("--shrink_on_oom", type=int, default=0,
+                   help="retries at 3/4 of the batch after an OOM, in this process (after a large OOM the allocator "
+                   "may fail to place the smaller step too, as seen on an H100; run_all retries its largest-batch "
+                   "rows in fresh processes)")
     p.add_argument("--name", default="", help="row name (default from the arguments)")
     p.add_argument("--note", default="", help="free text stored with the row (e.g. how the batch was chosen)")
     p.add_argument("--attention_impl", default="", choices=("", "auto", "explicit", "xla", "cudnn", "pallas"),
