@@ -295,3 +295,14 @@ def test_attention_core_benchmark_checks_the_kernel_and_reports(tmp_path):
     assert all(ker["rel_err_grads_vs_f32"][n] <= 1.2 * exp["rel_err_grads_vs_f32"][n] for n in "qkv")
     md = report.build_markdown(str(tmp_path))
     assert "| 8x8 | (2, 64, 2, 16) | kernel_q64_k64_b64_w4_s3 |" in md
+
+
+def test_attention_core_filters_variants_and_refuses_unknown_levels(tmp_path, capsys):
+    from benchmarks import attention_core
+
+    rec = attention_core.run(str(tmp_path), quick=True, bits=8, steps=2, variants="expl*")
+    assert [r["variant"] for r in rec["rows"]] == ["explicit"]
+    assert attention_core.run(str(tmp_path), quick=True, bits=8, steps=2, shapes="32x32")["rows"] == []
+    with pytest.raises(SystemExit):
+        attention_core.main(["--out", str(tmp_path), "--shapes", "4x4"])
+    assert "--shapes: unknown level(s) 4x4; choose from 32x32, 16x16, 8x8" in capsys.readouterr().err
