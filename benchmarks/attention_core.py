@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [n for n in a.shapes.split(",") if n and n not in {**SHAPES, **QUICK_SHAPES}]
     if bad:
         p.error(f"--shapes: unknown level(s) {', '.join(bad)}; choose from {', '.join(SHAPES)}")
+    unmatched = [v for v in a.variants.split(",") if v and not fnmatch.filter(VARIANTS, v)]
+    if unmatched:
+        p.error(f"--variants: {', '.join(unmatched)} match(es) no variant; variants: {', '.join(VARIANTS)}")
     rec = run(a.out, a.quick, a.bits, a.steps, a.variants, a.shapes)
     return 0 if all(r.get("status") == "ok" for r in rec["rows"]) else 1
 

@@ -306,3 +306,6 @@ def test_attention_core_filters_variants_and_refuses_unknown_levels(tmp_path, ca
     with pytest.raises(SystemExit):
         attention_core.main(["--out", str(tmp_path), "--shapes", "4x4"])
     assert "--shapes: unknown level(s) 4x4; choose from 32x32, 16x16, 8x8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        attention_core.main(["--out", str(tmp_path), "--variants", "kernel_q64*,nope*"])
+    assert "--variants: nope* match(es) no variant; variants: explicit, kernel_q64" in capsys.readouterr().err
