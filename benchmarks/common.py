@@ -152,6 +152,9 @@ def device_info() -> dict:
         platform=dev.platform, device_kind=str(dev.device_kind), device_count=jax.device_count(),
         jax=jax.__version__, jaxlib=jaxlib.__version__, python=platform.python_version(), host=socket.gethostname(),
         bytes_limit=stats.get("bytes_limit"),
+        # how JAX's GPU allocator was set up: a largest batch depends on it (docs/PERF_NOTES.md, session 5)
+        allocator={k: os.environ.get(f"XLA_PYTHON_CLIENT_{k.upper()}")
+                   for k in ("preallocate", "mem_fraction", "allocator")},
     )
 
 
@@ -496,18 +499,29 @@ def host_breakdown(trace_dir: str, steps: int, top: int = 40) -> dict:
                             for (t, n), v in top_events])
 
 
-def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
-    """Device time per step of a traced compiled step, grouped by op category, step phase and model part."""
+def source_key(op_name: str) -> str:
+    """An op's JAX source path with layer indices folded (`output_blocks_7` -> `output_blocks_*`), so the ops of
+    one kind of layer add up: `by_source` says which code a category's time comes from (e.g. which reductions)."""
+    return re.sub(r"_\d+(?=/|$)", "_*", op_name.removeprefix("jit(step_fn)/"))
+
+
+def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, top: int = 25, top_sources: int = 120) -> dict:
+    """Device time per step of a traced compiled step, grouped by op category, step phase, model part and
+    source path (`source_key`; the `top_sources` largest), with the `top` largest ops."""
     times, kernels = trace_op_times(trace_dir)
     info = hlo_instruction_info(hlo_text)
     total = sum(times.values())
     groups: dict[str, dict[str, float]] = {"category": {}, "phase": {}, "component": {}}
     rows = []
+    sources: dict[tuple[str, str, str], list] = {}
     for op, ns in times.items():
         i = info.get(op, {})
         cat, phase, comp = op_category(i, kernels.get(op, "")), op_phase(i.get("op_name", "")), op_component(i.get("op_name", ""))
         for g, key in (("category", cat), ("phase", phase), ("component", comp)):
             groups[g][key] = groups[g].get(key, 0.0) + ns
+        src = sources.setdefault((source_key(i.get("op_name", "")) or op, phase, cat), [0.0, 0])
+        src[0] += ns
+        src[1] += 1
         rows.append(dict(op=op, ms_per_step=ns / steps / 1e6, share=ns / total if total else 0.0, category=cat,
                          phase=phase, component=comp, op_name=i.get("op_name", ""), kernel=kernels.get(op, "")))
     rows.sort(key=lambda r: -r["ms_per_step"])
@@ -519,4 +533,7 @@ def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, top: int = 25) 
     return dict(steps=steps, device_ms_per_step=total / steps / 1e6, ops_traced=len(times),
                 ops_matched_to_hlo=sum(op in info for op in times),
                 by_category=table(groups["category"]), by_phase=table(groups["phase"]),
-                by_component=table(groups["component"]), top_ops=rows[:top])
+                by_component=table(groups["component"]), top_ops=rows[:top],
+                by_source=[dict(source=k[0], phase=k[1], category=k[2], ops=n, ms_per_step=ns / steps / 1e6,
+                                share=ns / total if total else 0.0)
+                           for k, (ns, n) in sorted(sources.items(), key=lambda kv: -kv[1][0])[:top_sources]])

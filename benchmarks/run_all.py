@@ -12,9 +12,9 @@ sampling, then the largest-batch and float32 rows). Before each row the driver c
 with the row's estimate (a prior for an H100, rescaled by how the finished rows compared with theirs);
 a row that cannot finish is skipped and recorded as such, and each row is killed at the deadline.
 "Largest batch that fits" rows take their batch from the measured peak memory of a batch-32 row:
-batch = (0.8 x device limit - memory after init) / (bytes per sample), a multiple of 8; after an OOM the
-row runs again at 3/4 of that batch in a fresh process (up to BMAX_RETRIES times; the OOM's JSON is kept as
-<name>-b<batch>-oom), so the result brackets the largest batch. After every row: <out>/summary.json; at the
+batch = (0.9 x device limit - memory after init) / (bytes per sample), a multiple of 8, with JAX's memory
+pool allocated up front; after an OOM the row runs again at 3/4 of that batch in a fresh process (up to
+BMAX_RETRIES times; the OOM's JSON is kept as <name>-b<batch>-oom), so the result brackets the largest batch. After every row: <out>/summary.json; at the
 end <out>/BENCHMARKS.md (benchmarks.report). Logs of each row in <out>/logs/.
 """
 
@@ -35,9 +35,14 @@ from typing import Callable
 from benchmarks import common, sampling, train_step
 
 RESERVE_S = 5.0  # kept for the summary and the report after the last row
-# Of the device limit, what a largest-batch row plans to use: 0.9 ran W1A4 out of memory on an H100 (batch 248
-# from the W1A8 b32 peak; XLA asked for one 59.8 GiB temporary), and each retry is another long compile.
-BMAX_FRACTION = 0.8
+# Of the device limit, what a largest-batch row plans to use. 0.9 ran W1A4 out of memory on an H100 (batch 248
+# from the W1A8 b32 peak) while the allocator grew on demand; with the pool allocated up front (BMAX_ENV) W1A4
+# 256 ran at 71.3 of 75.2 GiB and W1A32 320 at 55.9 GiB (docs/PERF_NOTES.md, session 5).
+BMAX_FRACTION = 0.9
+# Largest-batch rows allocate JAX's pool up front. Growing it on demand (the other rows, so that nothing is held
+# beyond use) fragments it: W1A32 288 and 352 failed to place one 46 / 56 GiB buffer with 75 GiB allowed, and
+# 256 and 320 ran preallocated. The peak counters count bytes in use either way.
+BMAX_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
 # Retries of a largest-batch row after an OOM, each in a fresh process: retrying inside the process that ran out
 # of memory failed on an H100 (FP 448 -> 336 could not place one 45.6 GiB buffer; 384 then ran in a new process).
 BMAX_RETRIES = 2
@@ -302,7 +307,9 @@ def run(out: str, *, quick: bool, budget_s: float, f32: bool = True, patterns: l
             for p in paths:  # a stale file from an earlier run must not pass for this run's result
                 if os.path.exists(p):
                     os.remove(p)
-            rc, wall, tail = run_process(argv, f"{out}/logs/{row.name}.log", cap, env)
+            # the caller's own allocator setting wins (child_env keeps it too)
+            row_env = env if b is None else {**env, **{k: v for k, v in BMAX_ENV.items() if k not in os.environ}}
+            rc, wall, tail = run_process(argv, f"{out}/logs/{row.name}.log", cap, row_env)
             entry.update(rc=rc, wall_s=round(wall + entry.get("wall_s", 0.0), 1))
             statuses = []
             for p in paths:

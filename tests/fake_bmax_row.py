@@ -14,7 +14,8 @@ if __name__ == "__main__":
     a = p.parse_args()
     fits = a.batch <= a.limit
     rec = dict(kind="train", name=a.name, model="cifar10", method="fp", act_bits=32, dtype="bf16", batch=a.batch,
-               requested_batch=a.batch, note=a.note, pid=os.getpid(), status="ok" if fits else "oom")
+               requested_batch=a.batch, note=a.note, pid=os.getpid(), status="ok" if fits else "oom",
+               preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
     if not fits:
         rec["error"] = "RESOURCE_EXHAUSTED: Out of memory (fake)"
     os.makedirs(os.path.join(a.out, "train"), exist_ok=True)

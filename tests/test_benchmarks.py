@@ -126,6 +126,10 @@ def test_largest_batch_row_retries_smaller_in_fresh_processes(tmp_path):
     assert [(r["status"], r["batch"], r["name"]) for r in ooms] == [("oom", 200, "fits3-b200-oom"),
                                                                     ("oom", 144, "fits3-b144-oom")]
     assert len({r["pid"] for r in ooms + [fits]}) == 3  # three processes
+    # each with JAX's pool allocated up front (a growing pool fragmented on an H100); other rows grow on demand
+    assert {r["preallocate"] for r in ooms + [fits]} == {"true"}
+    assert run_all.child_env(quick=True)["XLA_PYTHON_CLIENT_PREALLOCATE"] == os.environ.get(
+        "XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     assert entry["fits3"]["oom_rows"] == ["fits3-b200-oom", "fits3-b144-oom"]
     # never fits: BMAX_RETRIES retries, then the last OOM stays the row's result
     assert run_all.BMAX_RETRIES == 2 and entry["never"]["status"] == "oom"
@@ -179,7 +183,7 @@ def test_max_batch_from_measured_peak(tmp_path):
         status="ok", batch=32, memory=dict(peak_bytes_in_use=20 * gib, bytes_limit=80 * gib),
         memory_after_init=dict(bytes_in_use=5 * gib)))
     b, note = run_all.max_batch_from(str(tmp_path), ["missing", "src"], 64, quick=False)("row")
-    assert b == 120 and "src" in note  # (0.8 x 80 - 5) GiB / (15/32 GiB per sample) = 125.9 -> multiple of 8
+    assert b == 136 and "src" in note  # (0.9 x 80 - 5) GiB / (15/32 GiB per sample) = 142.9 -> multiple of 8
     b, note = run_all.max_batch_from(str(tmp_path), ["missing"], 64, quick=False)("row")
     assert b == 64 and "fallback" in note
 
@@ -261,6 +265,12 @@ def test_profile_breakdown_of_a_traced_step(tmp_path):
     for group in ("by_category", "by_phase", "by_component"):
         assert sum(r["share"] for r in prof[group]) == pytest.approx(1.0)
     assert sum(r["ms_per_step"] for r in prof["by_category"]) == pytest.approx(prof["device_ms_per_step"])
+    # every op lands in one source group (none cut off at this size)
+    assert sum(r["ops"] for r in prof["by_source"]) == prof["ops_traced"]
+    assert sum(r["share"] for r in prof["by_source"]) == pytest.approx(1.0)
+    assert common.source_key("jit(step_fn)/transpose(jvp(UNet))/output_blocks_7/res_0/GroupNorm_1/reduce_sum") == (
+        "transpose(jvp(UNet))/output_blocks_*/res_*/GroupNorm_*/reduce_sum")
+    assert common.source_key("jit(step_fn)/UNet/conv_in/conv_general_dilated") == "UNet/conv_in/conv_general_dilated"
     host = common.host_breakdown(str(tmp_path), steps=2)
     assert host["threads"] and all(t["busy_ms_per_step"] > 0 for t in host["threads"])
     assert host["top_events"] and host["top_events"] == sorted(host["top_events"], key=lambda e: -e["ms_per_step"])
