@@ -228,6 +228,11 @@ def profile_section(rows: list[dict], top: int = 10) -> list[str]:
             out.append(f"| {o['op']} | {o['category']} | {o['phase']} | {o['component']} | {o['ms_per_step']:.2f} | "
                        f"{o['share']:.1%} | `{src}` |")
         out.append("")
+        if p.get("by_source"):  # rows profiled since session 5
+            out += [f"Top {top} sources (ops of one source path over all layers, indices folded):", "",
+                    "| source | kind | phase | ops | ms / step | share |", "|---|---|---|---:|---:|---:|"]
+            out += [f"| `{g['source'][-90:].replace('|', '/')}` | {g['category']} | {g['phase']} | {g['ops']} | "
+                    f"{g['ms_per_step']:.2f} | {g['share']:.1%} |" for g in p["by_source"][:top]] + [""]
         host = p.get("host")
         if host:
             out += ["Host threads (busy ms per step) and the top host events (inclusive ms per step; "

@@ -245,6 +245,19 @@ def test_cost_flops_across_jax_versions():
     assert common.pick_flops(10.0, 120.0)[0] == 120.0  # compiled count misses the convolutions
 
 
+def test_op_times_count_early_launched_kernels_from_the_end_of_the_one_before():
+    """A kernel launched before its predecessor ends (Hopper's programmatic dependent launch) is charged only
+    for the time after it: the exclusive times add up to the union of the intervals."""
+    events = [(0.0, 600.0, "conv", "wgrad"), (100.0, 510.0, "reduce", "r"), (700.0, 50.0, "reduce", "r"),
+              (720.0, 10.0, "nested", "n")]
+    times, kernels = common.op_times(events)
+    assert times == {"conv": 600.0, "reduce": 10.0 + 50.0, "nested": 0.0}
+    assert sum(times.values()) == 660.0  # [0, 610] and [700, 750]
+    inclusive, _ = common.op_times(events, exclusive=False)
+    assert inclusive == {"conv": 600.0, "reduce": 560.0, "nested": 10.0}
+    assert kernels == {"conv": "wgrad", "reduce": "r", "nested": "n"}
+
+
 def test_profile_breakdown_of_a_traced_step(tmp_path):
     """A real jax.profiler trace of a small jitted function: every traced op is matched to the compiled HLO,
     the groups add up to the total, and the phase/component rules read flax's op_name paths."""
@@ -261,7 +274,7 @@ def test_profile_breakdown_of_a_traced_step(tmp_path):
     jax.profiler.stop_trace()
     prof = common.profile_breakdown(str(tmp_path), compiled.as_text(), steps=2)
     assert prof["ops_traced"] > 0 and prof["ops_matched_to_hlo"] == prof["ops_traced"]
-    assert prof["device_ms_per_step"] > 0
+    assert 0 < prof["device_ms_per_step"] <= prof["kernel_ms_per_step"] * (1 + 1e-9)
     for group in ("by_category", "by_phase", "by_component"):
         assert sum(r["share"] for r in prof[group]) == pytest.approx(1.0)
     assert sum(r["ms_per_step"] for r in prof["by_category"]) == pytest.approx(prof["device_ms_per_step"])
@@ -271,6 +284,9 @@ def test_profile_breakdown_of_a_traced_step(tmp_path):
     assert common.source_key("jit(step_fn)/transpose(jvp(UNet))/output_blocks_7/res_0/GroupNorm_1/reduce_sum") == (
         "transpose(jvp(UNet))/output_blocks_*/res_*/GroupNorm_*/reduce_sum")
     assert common.source_key("jit(step_fn)/UNet/conv_in/conv_general_dilated") == "UNet/conv_in/conv_general_dilated"
+    md = "\n".join(report.profile_section([dict(name="r", status="ok", step_ms=1.0, profile=prof)]))
+    top = prof["by_source"][0]
+    assert "sources (ops of one source path" in md and f"| {top['ops']} | {top['ms_per_step']:.2f} |" in md
     host = common.host_breakdown(str(tmp_path), steps=2)
     assert host["threads"] and all(t["busy_ms_per_step"] > 0 for t in host["threads"])
     assert host["top_events"] and host["top_events"] == sorted(host["top_events"], key=lambda e: -e["ms_per_step"])
@@ -319,3 +335,27 @@ def test_attention_core_filters_variants_and_refuses_unknown_levels(tmp_path, ca
     with pytest.raises(SystemExit):
         attention_core.main(["--out", str(tmp_path), "--variants", "kernel_q64*,nope*"])
     assert "--variants: nope* match(es) no variant; variants: explicit, kernel_q64" in capsys.readouterr().err
+
+
+def test_qat_overhead_finds_the_quantizers_and_the_lrm_in_a_profiled_qat_step(tmp_path, capsys):
+    """benchmarks.qat_overhead on a real profile of a (tiny, CPU) W1A8 QAT step: the LSQ quantizers' fusions
+    (forward fake-quantization, backward step-size reduction) and the LRM's loss-level ops are found, the
+    teacher forward holds no LSQ work, and the groups are a part of the traced time."""
+    from benchmarks import qat_overhead
+
+    rec = train_step.run_row(out=str(tmp_path), model="cifar10", method="binarydm", act_bits=8, dtype="f32", batch=2,
+                             quick=True, steps=2, max_time_s=1, profile_steps=1)
+    assert rec["status"] == "ok", rec.get("error")
+    prof_dir = f"{tmp_path}/traces/{rec['name']}"
+    out = f"{tmp_path}/qat.json"
+    assert qat_overhead.main(["--profile_dir", prof_dir, "--steps", "1", "--out", out]) == 0
+    groups = {(g["kind"], g["phase"]): g for g in _load(out)["groups"]}
+    kinds = {k for k, _ in groups}
+    assert {"LSQ fake-quantization and mask select", "LSQ step-size gradient (reduction)"} <= kinds
+    assert any(k.startswith("LRM") for k in kinds)
+    assert not any(p == "teacher forward" and k.startswith("LSQ") for k, p in groups)
+    assert 0 < sum(g["ms_per_step"] for g in groups.values()) < rec["profile"]["device_ms_per_step"]
+    assert "QAT-only groups" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a directory without the compiled HLO: the flag is named
+        qat_overhead.main(["--profile_dir", str(tmp_path), "--steps", "1"])
+    assert "--hlo: no file" in capsys.readouterr().err
