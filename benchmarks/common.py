@@ -442,8 +442,9 @@ def op_times(events: list[tuple[float, float, str, str]], exclusive: bool = True
 
     `exclusive` counts each kernel from the end of the kernels before it: on Hopper XLA launches kernels early
     (programmatic dependent launch), and a kernel's traced interval then includes its wait for the one before
-    (seen: a 4 us weight reduction traced at 610 us, all but its tail inside a convolution's). Exclusive times
-    add up to the device's busy time (the union of the intervals); inclusive ones count overlaps twice.
+    (seen: a weight reduction traced at 610 us, all but its last 6.5 us inside the convolution before it).
+    Exclusive times add up to the device's busy time (the union of the intervals); inclusive ones count overlaps
+    twice.
     """
     times: dict[str, float] = {}
     kernels: dict[str, str] = {}

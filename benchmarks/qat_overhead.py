@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile_dir", required=True, help="a train_step profile directory (trace + compiled_hlo.txt.gz)")
     p.add_argument("--steps", type=int, required=True, help="steps the trace holds (the row's --profile_steps)")
-    p.add_argument("--hlo", default="", help="compiled HLO text (.txt or .txt.gz; default <profile_dir>/compiled_hlo.txt.gz)")
+    p.add_argument("--hlo", default="",
+                   help="compiled HLO text, .txt or .txt.gz (default <profile_dir>/compiled_hlo.txt.gz)")
     p.add_argument("--out", default="", help="also write the groups to this JSON file")
     a = p.parse_args(argv)
     if a.steps < 1:

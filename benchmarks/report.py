@@ -38,6 +38,7 @@ def _load_dir(results: str) -> dict:
         train=sorted((r for r in (load(p) for p in glob.glob(f"{results}/train/*.json")) if r), key=_order),
         sample=sorted((r for r in (load(p) for p in glob.glob(f"{results}/sample/*.json")) if r), key=_order),
         attention_core=load(f"{results}/attention_core.json"),
+        qat_overhead=load(f"{results}/qat_overhead.json"),
     )
 
 
@@ -214,9 +215,13 @@ def profile_section(rows: list[dict], top: int = 10) -> list[str]:
         p = r.get("profile")
         if r.get("status") != "ok" or not p:
             continue
+        kernel = p.get("kernel_ms_per_step")  # profiles since session 5: exclusive times
         out += [f"#### {r['name']}", "",
-                f"Device time {p['device_ms_per_step']:.1f} ms per step (trace of {p['steps']} steps; step time "
-                f"{r['step_ms']:.1f} ms; {p['ops_matched_to_hlo']}/{p['ops_traced']} ops matched to the HLO).", ""]
+                f"Device time {p['device_ms_per_step']:.1f} ms per step"
+                + (f" (busy time; the kernels' own intervals add up to {kernel:.1f} ms, as kernels launched early "
+                   f"wait inside them)" if kernel else " (kernel intervals added up)")
+                + f" (trace of {p['steps']} steps; step time {r['step_ms']:.1f} ms; "
+                f"{p['ops_matched_to_hlo']}/{p['ops_traced']} ops matched to the HLO).", ""]
         for title, group in (("step phase", "by_phase"), ("op kind", "by_category"), ("model part", "by_component")):
             out += [f"| {title} | ms / step | share |", "|---|---:|---:|"]
             out += [f"| {g['name']} | {g['ms_per_step']:.2f} | {g['share']:.1%} |" for g in p[group]] + [""]
@@ -364,6 +369,15 @@ def build_markdown(results: str) -> str:
               "op, grouped by XLA's op metadata (flax module paths): phase = teacher forward / student forward / "
               "student backward / optimizer; part = attention core, LSQ quantizers, progressive mask selects, "
               "binarizer, norms, convolutions, ...", ""] + prof
+    qo = data.get("qat_overhead")
+    if qo and qo.get("groups"):
+        L += ["#### QAT-only work by fused kernel", "",
+              f"`python -m benchmarks.qat_overhead --profile_dir={qo['profile_dir']} --steps={qo['steps']}`: the "
+              "fused kernels that contain QAT-only work, by what they compute (their whole time: XLA fuses a quantizer "
+              "into the layer work around it, so a group bounds that work's cost from above). Device time "
+              f"{qo['device_ms_per_step']:.1f} ms per step.", "",
+              "| fused kernels that contain | phase | ops | ms / step |", "|---|---|---:|---:|"]
+        L += [f"| {g['kind']} | {g['phase']} | {g['ops']} | {g['ms_per_step']:.2f} |" for g in qo["groups"]] + [""]
     L += ["### Against the official PyTorch BinaryDM QAT step", "",
           f"Reference: {common.OFFICIAL_REFERENCE['source']}, measured on an **{common.OFFICIAL_REFERENCE['card']}** "
           f"with random 64x64x3 latents. Ours on **{device}**"

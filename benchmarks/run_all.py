@@ -14,8 +14,9 @@ a row that cannot finish is skipped and recorded as such, and each row is killed
 "Largest batch that fits" rows take their batch from the measured peak memory of a batch-32 row:
 batch = (0.9 x device limit - memory after init) / (bytes per sample), a multiple of 8, with JAX's memory
 pool allocated up front; after an OOM the row runs again at 3/4 of that batch in a fresh process (up to
-BMAX_RETRIES times; the OOM's JSON is kept as <name>-b<batch>-oom), so the result brackets the largest batch. After every row: <out>/summary.json; at the
-end <out>/BENCHMARKS.md (benchmarks.report). Logs of each row in <out>/logs/.
+BMAX_RETRIES times; the OOM's JSON is kept as <name>-b<batch>-oom), so the result brackets the largest batch.
+After every row: <out>/summary.json; at the end <out>/BENCHMARKS.md (benchmarks.report). Logs of each row in
+<out>/logs/.
 """
 
 from __future__ import annotations

@@ -223,7 +223,10 @@ def test_report_ratios_mfu_and_official_comparison(tmp_path):
                                                          error="XlaRuntimeError: RESOURCE_EXHAUSTED"))
     bmax = next(r for r in run_all.plan(str(tmp_path), quick=False, f32=False) if r.name == "train-ldm4-fp-bf16-bmax")
     run_all._stub(f"{tmp_path}/{bmax.outputs[0]}", bmax, "skipped", "skipped: budget")  # what the driver writes
+    common.write_json(f"{tmp_path}/qat_overhead.json", dict(profile_dir="P", steps=3, device_ms_per_step=90.0, groups=[
+        dict(kind="LSQ step-size gradient (reduction)", phase="student backward", ops=130, ms_per_step=3.67)]))
     md = report.build_markdown(str(tmp_path))
+    assert "| LSQ step-size gradient (reduction) | student backward | 130 | 3.67 |" in md
     assert "| train-ldm4-fp-bf16-bmax | ldm4 | FP | bf16 | max |" in md and "**skipped** (skipped: budget)" in md
     assert "NVIDIA H100 80GB HBM3" in md and "500.0 TFLOP/s" in md
     fp_line = next(ln for ln in md.splitlines() if ln.startswith("| fp-row"))
