@@ -457,19 +457,25 @@ def op_times(events: list[tuple[float, float, str, str]], exclusive: bool = True
     return times, kernels
 
 
-def trace_op_times(trace_dir: str, exclusive: bool = True) -> tuple[dict[str, float], dict[str, str]]:
-    """`op_times` of a jax.profiler trace: device planes (GPU kernels carry the `hlo_op` that launched them),
-    on CPU the host plane's thunks; summed over planes."""
+def trace_events(trace_dir: str) -> list[list[tuple[float, float, str, str]]]:
+    """Per device, the (start ns, duration ns, HLO op, kernel name) events of a jax.profiler trace: device planes
+    (GPU kernels carry the `hlo_op` that launched them), on CPU the host plane's thunks."""
     data = _load_trace(trace_dir)
     planes = [p for p in data.planes if p.name.startswith("/device:")] or [
         p for p in data.planes if p.name.startswith("/host:CPU")]
+    return [[(float(ev.start_ns), float(ev.duration_ns), op, ev.name)
+             for line in plane.lines for ev in line.events
+             if (op := dict(ev.stats).get("hlo_op")) and not ev.name.startswith("end: ")] for plane in planes]
+
+
+def trace_op_times(trace_dir: str | None = None, exclusive: bool = True,
+                   events: list[list[tuple[float, float, str, str]]] | None = None
+                   ) -> tuple[dict[str, float], dict[str, str]]:
+    """`op_times` of a trace's devices (`trace_events`, or `events` already read), summed over devices."""
     times: dict[str, float] = {}
     kernels: dict[str, str] = {}
-    for plane in planes:
-        events = [(float(ev.start_ns), float(ev.duration_ns), op, ev.name)
-                  for line in plane.lines for ev in line.events
-                  if (op := dict(ev.stats).get("hlo_op")) and not ev.name.startswith("end: ")]
-        t, k = op_times(events, exclusive)
+    for device_events in (events if events is not None else trace_events(trace_dir)):
+        t, k = op_times(device_events, exclusive)
         for op, ns in t.items():
             times[op] = times.get(op, 0.0) + ns
         for op, name in k.items():
@@ -531,8 +537,9 @@ def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, top: int = 25, 
     Times are exclusive (`trace_op_times`): device_ms_per_step is the device's busy time;
     kernel_ms_per_step adds up the kernels' own intervals, overlaps counted twice (what rows before
     session 5 called device time)."""
-    times, kernels = trace_op_times(trace_dir)
-    inclusive = sum(trace_op_times(trace_dir, exclusive=False)[0].values())
+    events = trace_events(trace_dir)
+    times, kernels = trace_op_times(events=events)
+    inclusive = sum(trace_op_times(events=events, exclusive=False)[0].values())
     info = hlo_instruction_info(hlo_text)
     total = sum(times.values())
     groups: dict[str, dict[str, float]] = {"category": {}, "phase": {}, "component": {}}

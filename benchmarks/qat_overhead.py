@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import re
 import sys
@@ -23,8 +22,9 @@ from benchmarks import common
 
 _COMPUTATION = re.compile(r"^%([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)^\}", re.M | re.S)
 _FUSION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = .*?\bfusion\(.*?calls=%([\w.\-]+)")
-# a 0/1 mask of a kernel's shape, HWIO (conv) or OHWI (its gradient's layout): a 3x3 or 1x1 window next to two
-# channel axes (activations are NHWC with a spatial size above 3; GroupNorm's statistics are not masks)
+# a 0/1 mask of a convolution kernel's shape, HWIO or OHWI (its gradient's layout): a 3x3 or 1x1 window next to
+# two channel axes (activations are NHWC with a spatial size above 3; GroupNorm's statistics are not masks).
+# Dense kernels' masks (2-D) are not matched: their reductions are small and their shapes ambiguous.
 _KERNEL_MASK = re.compile(r"pred\[(?:\d+,[13],[13],\d+|[13],[13],\d+,\d+)\]")
 
 
