@@ -58,7 +58,9 @@ class KernelConfig:
     num_stages: int = 3  # measured: 2.93 vs 3.19 ms (2 stages) fwd+bwd at 32x32, H200 (docs/PERF_NOTES.md)
     # the backward's row sums from the forward's extra accumulators (module doc) instead of a third key sweep
     d_from_forward: bool = True
-    # dQ added atomically (float32) from the dK/dV sweep over query tiles, instead of a second sweep over the keys
+    # dQ added atomically (float32) from the dK/dV sweep over query tiles, instead of a second sweep over the keys.
+    # Measured slower: 4.15 vs 2.33 ms per 32x32 layer fwd+bwd on an H100, the atomics contend (PERF_NOTES,
+    # session 5); kept as a tested variant for comparison
     dq_atomic: bool = False
     interpret: bool = False
 

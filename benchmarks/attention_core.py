@@ -36,7 +36,7 @@ VARIANTS = {  # name -> KernelConfig fields (None: the explicit core)
     # the forward carries two more accumulators since change 6: smaller query tiles hold fewer registers
     "kernel_q64_k64_b64_w4_s3_rows_sweep": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3,
                                                 d_from_forward=False),
-    # dQ added atomically from the dK/dV sweep instead of a second key sweep in the backward
+    # dQ added atomically from the dK/dV sweep instead of a second key sweep in the backward (slower, session 5)
     "kernel_q64_k64_b64_w4_s3_dq_atomic": dict(block_q=64, block_k=64, block_b=64, num_warps=4, num_stages=3,
                                                dq_atomic=True),
     "kernel_q64_k64_b128_w8_s3_dq_atomic": dict(block_q=64, block_k=64, block_b=128, num_warps=8, num_stages=3,

@@ -294,6 +294,8 @@ def run(out: str, *, quick: bool, budget_s: float, f32: bool = True, patterns: l
             common.log(f"{row.name}: {reason}")
             continue
         b, note = row.batch_from(out) if row.batch_from is not None else (None, "")
+        # the caller's own allocator setting wins (child_env keeps it too)
+        row_env = env if b is None else {**env, **{k: v for k, v in BMAX_ENV.items() if k not in os.environ}}
         for retry in range(BMAX_RETRIES + 1 if b is not None else 1):
             args = list(row.args)
             if b is not None:
@@ -308,8 +310,6 @@ def run(out: str, *, quick: bool, budget_s: float, f32: bool = True, patterns: l
             for p in paths:  # a stale file from an earlier run must not pass for this run's result
                 if os.path.exists(p):
                     os.remove(p)
-            # the caller's own allocator setting wins (child_env keeps it too)
-            row_env = env if b is None else {**env, **{k: v for k, v in BMAX_ENV.items() if k not in os.environ}}
             rc, wall, tail = run_process(argv, f"{out}/logs/{row.name}.log", cap, row_env)
             entry.update(rc=rc, wall_s=round(wall + entry.get("wall_s", 0.0), 1))
             statuses = []
